@@ -1,0 +1,140 @@
+"""The ``dldkd`` command: one entry point, one subcommand per job.
+
+Config-taking subcommands share one shape: ``--config FILE`` then ``key.sub=value`` overrides.
+Heavy imports (torch, Ray, MLflow) happen inside each subcommand so ``--help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML preset, e.g. configs/tvr.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. optim.lr=1e-4 dist.num_workers=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dldkd", description="DL-DKD++ for Partially Relevant Video Retrieval: shards, "
+        "online CLIP teacher, DeepSpeed workers on Ray, sweeps, MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    shard = sub.add_parser("shard", help="write WebDataset shards (MS-SL release or synthetic)",
+                           description="Write tar shards + manifest.json that workers stream.")
+    shard_sub = shard.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    ms = shard_sub.add_parser("msssl", help="convert the MS-SL data release (TVR, ActivityNet, "
+                              "Charades-STA)", description="Convert the MS-SL release layout "
+                              "(SPEC 2); re-running resumes, skipping verified shards.")
+    ms.add_argument("--root", required=True, help="folder holding <collection>/FeatureData, "
+                    "<collection>/TextData")
+    ms.add_argument("--collection", required=True, choices=["tvr", "activitynet", "charades"])
+    ms.add_argument("--split", required=True, choices=["train", "val", "test"])
+    ms.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar")
+    ms.add_argument("--videos-per-shard", type=int, default=500)
+    ms.add_argument("--max-shard-bytes", type=int, default=None,
+                    help="cut a shard when it reaches this size instead")
+    ms.add_argument("--feature", default=None, help="visual feature folder name override")
+    syn = shard_sub.add_parser("synthetic", help="build the synthetic PRVR world",
+                               description="Write train/val/test splits and an image-text "
+                               "pretraining split of the synthetic world (docs/synthetic-world.md).")
+    syn.add_argument("--out", required=True)
+    syn.add_argument("--videos", type=int, default=600, help="training videos")
+    syn.add_argument("--eval-videos", type=int, default=None, help="videos per val/test split")
+    syn.add_argument("--pretrain-pairs", type=int, default=3000)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--videos-per-shard", type=int, default=100)
+
+    val = sub.add_parser("validate", help="check a config before a cluster is touched",
+                         description="Config types and ranges, batch arithmetic, shards vs "
+                         "workers, manifest dims vs model, teacher weights, storage; prints a "
+                         "per-worker memory estimate.")
+    _add_config(val)
+    val.add_argument("--offline", action="store_true",
+                     help="skip checks that need the data and storage (config-only)")
+
+    train = sub.add_parser("train", help="one run: N DeepSpeed workers under Ray Train",
+                           description="Runs `python -m launch.train`; a relaunch with the same "
+                           "run.name resumes.")
+    _add_config(train)
+    train.add_argument("--address", default=None, help="Ray address (default: local)")
+    train.add_argument("--no-ray", action="store_true",
+                       help="run in this process without Ray (debugging; torchrun works too)")
+
+    sweep = sub.add_parser("sweep", help="a Ray Tune sweep of runs, one MLflow parent run",
+                           description="Search space and scheduler in the YAML's `sweep:` section.")
+    _add_config(sweep)
+    sweep.add_argument("--address", default=None)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a split",
+                        description="Metrics table and a JSON report of a best/ checkpoint.")
+    ev.add_argument("--checkpoint", required=True, help="a run's best/ folder")
+    ev.add_argument("--split", required=True, help="shard folder or URL of the split")
+    ev.add_argument("--out", default=None, help="write the JSON report here")
+
+    submit = sub.add_parser("submit", help="`ray job submit` this project to a cluster",
+                            description="Wraps `ray job submit` with a runtime_env that excludes "
+                            ".git, data and outputs; refuses a working dir over Ray's limit.")
+    submit.add_argument("--address", default=None, help="dashboard address, e.g. "
+                        "http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+    submit.add_argument("--no-wait", action="store_true", help="return after submitting")
+    submit.add_argument("entry", choices=["train", "sweep"])
+    _add_config(submit)
+
+    teacher = sub.add_parser("teacher", help="pretrain or evaluate the CLIP teacher alone")
+    t_sub = teacher.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pre = t_sub.add_parser("pretrain", help="train a tiny open_clip model on image-text shards",
+                           description="Contrastive pretraining of a small open_clip config on "
+                           "the synthetic world's pretraining split.")
+    pre.add_argument("--shards", required=True, help="image-text shard folder (pretrain/)")
+    pre.add_argument("--model-config", default="configs/teacher-tiny.json")
+    pre.add_argument("--arch", default="dldkd-tiny")
+    pre.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
+    pre.add_argument("--steps", type=int, default=300)
+    pre.add_argument("--batch", type=int, default=128)
+    pre.add_argument("--lr", type=float, default=1e-3)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--save-at", type=int, nargs="*", default=[],
+                     help="also save checkpoints at these steps (teacher-quality studies)")
+    tev = t_sub.add_parser("eval", help="the teacher's own zero-shot PRVR metrics on a split")
+    _add_config(tev)
+    tev.add_argument("--split", required=True, help="shard folder of the split")
+
+    demo = sub.add_parser("demo", help="the whole system on this machine, in minutes",
+                          description="Synthetic world -> tiny teacher -> a 2-trial sweep of "
+                          "2 DeepSpeed workers on a local Ray cluster -> MLflow (SQLite).")
+    demo.add_argument("--out", default="outputs/demo")
+    demo.add_argument("--small", action="store_true", help="reduced size (CI)")
+
+    report = sub.add_parser("report", help="Markdown report of a sweep from MLflow",
+                            description="Ablation table (mean +- std over seeds), teacher-quality "
+                            "plot, training curves, compute cost; logged to the parent run.")
+    group = report.add_mutually_exclusive_group(required=True)
+    group.add_argument("--sweep", help="sweep name (the MLflow parent run)")
+    group.add_argument("--experiment", help="an MLflow experiment name")
+    report.add_argument("--tracking-uri", default=None)
+    report.add_argument("--out", default=None, help="report folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from launch import commands
+
+    handler = getattr(commands, f"cmd_{args.command}")
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        # Config and input errors are the user's to fix: print the message, not a traceback.
+        if os.environ.get("DLDKD_DEBUG"):
+            raise
+        print(f"dldkd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""What each ``dldkd`` subcommand does (the parser is in launch/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    if args.source == "msssl":
+        from sharding.msssl import convert
+
+        manifest = convert(args.root, args.collection, args.split, args.out,
+                           visual_feature=args.feature, videos_per_shard=args.videos_per_shard,
+                           max_shard_bytes=args.max_shard_bytes)
+        print(f"wrote {len(manifest.shards)} shards to {Path(args.out) / args.split}")
+        return 0
+    from sharding.synthetic import build_world
+
+    out = build_world(args.out, videos=args.videos, eval_videos=args.eval_videos, seed=args.seed,
+                      pretrain_pairs=args.pretrain_pairs, videos_per_shard=args.videos_per_shard)
+    for split, manifest in out.items():
+        print(f"{split}: {Path(args.out) / split}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from launch.validate import validate_run
+
+    report = validate_run(args.config, args.overrides, offline=args.offline)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.no_ray:
+        from trainer.config import load_config
+        from trainer.recipe import setup_logging
+        from trainer.run import train
+
+        setup_logging()
+        state = train(load_config(args.config, args.overrides))
+        print(f"best SumR {state.best_sumr:.2f} at step {state.best_step}")
+        return 0
+    from launch.train import run
+
+    run(args)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from launch.sweep import run
+
+    run(args)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_checkpoint, format_table
+
+    report = evaluate_checkpoint(args.checkpoint, args.split)
+    print(format_table({"checkpoint": report["metrics"]}))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)
+        print(f"report: {out}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launch.submit import submit
+
+    return submit(args.entry, args.config, args.overrides, address=args.address,
+                  wait=not args.no_wait)
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    if args.action == "pretrain":
+        from trainer.teacher_pretrain import pretrain
+
+        result = pretrain(args.shards, out_path=args.out, arch=args.arch,
+                          model_config=args.model_config, steps=args.steps, batch=args.batch,
+                          lr=args.lr, seed=args.seed, save_at=args.save_at)
+        print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=1))
+        return 0
+    from trainer.config import load_config
+    from trainer.evaluate import format_table
+    from trainer.teacher_pretrain import zero_shot_eval_split
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = zero_shot_eval_split(cfg, args.split)
+    print(format_table({f"teacher {cfg.teacher.arch}": metrics}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from launch.demo import run_demo
+
+    return run_demo(args.out, small=args.small)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from launch.report import write_report
+
+    path = write_report(sweep=args.sweep, experiment=args.experiment,
+                        tracking_uri=args.tracking_uri, out=args.out)
+    print(f"report: {path}")
+    return 0

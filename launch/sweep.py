@@ -1,0 +1,595 @@
+"""A hyperparameter sweep: a Ray Tune experiment whose trials are Ray Train runs.
+
+``python -m launch.sweep --config configs/sweep-demo.yaml [key.sub=value ...] [sweep.key=value ...]``
+
+The YAML holds a run config plus a ``sweep:`` section (docs/sweeps.md)::
+
+    sweep:
+      name: demo-sweep            # experiment folder <run.storage>/<name>; default run.name
+      metric: val/SumR            # reported by every evaluation of a trial
+      mode: max
+      num_samples: 2
+      search_alg: random          # random | grid
+      max_concurrent: 0           # 0 = as many trials as the cluster's CPUs/GPUs hold
+      scheduler: {type: asha, time_attr: step, max_t: 8, grace_period: 4, reduction_factor: 2}
+      space:
+        optim.lr: {loguniform: [1.0e-4, 1.0e-3]}
+        loss.targets: {choice: [soft, hard]}
+        train.seed: {grid: [1, 2]}
+
+Each trial is a Tune function trainable that builds and fits the ``TorchTrainer`` of one run
+(Ray's pattern for Train V2), named ``<sweep>-<trial id>``, with ``TuneReportCallback`` passing
+every evaluation report to Tune. Re-running the same command resumes an interrupted sweep
+(``Tuner.restore``): finished trials are kept, unfinished and errored ones continue from their
+latest checkpoint. MLflow gets one parent run per sweep and one nested child run per trial.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from trainer.config import Config, ConfigError, apply_overrides, from_dict, load_config, load_yaml
+from trainer.config import parse_overrides
+
+log = logging.getLogger("dldkd.sweep")
+
+SCHEDULERS = ("asha", "fifo")
+SEARCH_ALGS = ("random", "grid")
+# Domain name -> number of YAML arguments (None: a non-empty list of values).
+DOMAINS: dict[str, int | None] = {"uniform": 2, "quniform": 3, "loguniform": 2, "randint": 2,
+                                  "choice": None, "grid": None}
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class SchedulerSpec:
+    type: str = "fifo"
+    time_attr: str = "step"
+    # 0 = the length of a run: train.epochs x data.steps_per_epoch.
+    max_t: int = 0
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class SweepSpec:
+    """The validated ``sweep:`` section."""
+
+    name: str
+    metric: str = "val/SumR"
+    mode: str = "max"
+    num_samples: int = 1
+    search_alg: str = "random"
+    seed: int = 0
+    # Cap on concurrent trials; 0 = what the cluster's resources hold.
+    max_concurrent: int = 0
+    # CPUs held by each trial's driver (the Tune trainable that only waits on its Train run).
+    trial_cpus: float = 0.5
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    # Dotted config key -> {domain: args}, as written in the YAML.
+    space: dict[str, dict] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ the YAML section
+
+
+def parse_sweep(raw: dict | None, cfg: Config) -> SweepSpec:
+    """Validate a ``sweep:`` mapping against the run config it varies."""
+    raw = dict(raw or {})
+    allowed = {f for f in SweepSpec.__dataclass_fields__}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown sweep key(s) {unknown}; keys of sweep are {sorted(allowed)}")
+    sched_raw = raw.pop("scheduler", None) or {}
+    if not isinstance(sched_raw, dict):
+        raise ConfigError(f"sweep.scheduler must be a mapping, got {sched_raw!r}")
+    sched_allowed = set(SchedulerSpec.__dataclass_fields__)
+    unknown = sorted(set(sched_raw) - sched_allowed)
+    if unknown:
+        raise ConfigError(f"unknown sweep.scheduler key(s) {unknown}; keys are "
+                          f"{sorted(sched_allowed)}")
+    raw.setdefault("name", cfg.run.name)
+    spec = SweepSpec(scheduler=SchedulerSpec(**sched_raw), **raw)
+    _check_fields(spec, cfg)
+    build_space(spec.space, cfg)
+    return spec
+
+
+def _check_fields(spec: SweepSpec, cfg: Config) -> None:
+    if not isinstance(spec.name, str) or not NAME_RE.fullmatch(spec.name):
+        raise ConfigError(f"sweep.name={spec.name!r} must be a name of letters, digits, '.', "
+                          "'_' or '-' (it names the experiment folder and the MLflow parent run)")
+    if spec.mode not in ("max", "min"):
+        raise ConfigError(f"sweep.mode={spec.mode!r} must be 'max' or 'min'")
+    if not isinstance(spec.metric, str) or not spec.metric:
+        raise ConfigError(f"sweep.metric={spec.metric!r} must be a reported metric, e.g. val/SumR")
+    for key, low in (("num_samples", 1), ("max_concurrent", 0), ("seed", 0)):
+        value = getattr(spec, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"sweep.{key}={value!r} must be an integer >= {low}")
+    if isinstance(spec.trial_cpus, bool) or not isinstance(spec.trial_cpus, (int, float)) \
+            or not 0 < spec.trial_cpus <= 64:
+        raise ConfigError(f"sweep.trial_cpus={spec.trial_cpus!r} must be a number in (0, 64]")
+    if spec.search_alg not in SEARCH_ALGS:
+        hint = " (optuna/hyperopt are not installed here)" if spec.search_alg in (
+            "optuna", "hyperopt", "bayesopt") else ""
+        raise ConfigError(f"sweep.search_alg={spec.search_alg!r} is not available{hint}; "
+                          f"choose one of {list(SEARCH_ALGS)}")
+    sched = spec.scheduler
+    if sched.type not in SCHEDULERS:
+        raise ConfigError(f"sweep.scheduler.type={sched.type!r}; choose one of {list(SCHEDULERS)}")
+    if sched.type == "asha":
+        if sched.time_attr != "step":
+            # Train V2 reports no training_iteration; `step` is in every evaluation report.
+            raise ConfigError(f"sweep.scheduler.time_attr={sched.time_attr!r}: trials report "
+                              "their progress as 'step'; use time_attr: step")
+        if not sched.max_t:
+            sched.max_t = cfg.train.epochs * cfg.data.steps_per_epoch
+            if not sched.max_t:
+                raise ConfigError("sweep.scheduler.max_t is needed for ASHA when "
+                                  "data.steps_per_epoch=0 (set the run length in steps)")
+        for key, low in (("max_t", 1), ("grace_period", 1), ("reduction_factor", 1.0001)):
+            value = getattr(sched, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise ConfigError(f"sweep.scheduler.{key}={value!r} must be >= {low:g}")
+        if sched.grace_period > sched.max_t:
+            raise ConfigError(f"sweep.scheduler.grace_period={sched.grace_period} exceeds "
+                              f"max_t={sched.max_t}")
+    if not isinstance(spec.space, dict):
+        raise ConfigError(f"sweep.space must be a mapping of config keys, got {spec.space!r}")
+
+
+def build_space(space: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """YAML domains -> Tune domains, each key checked against the config and its values tried.
+
+    Every value a domain can produce at its ends (bounds, choices, grid values) is put into the
+    config once, so a space that would give a trial an invalid config fails here, not mid-sweep.
+    """
+    known = cfg.flat()
+    tree = cfg.to_dict()
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        where = f"sweep.space.{key}"
+        if key not in known:
+            from difflib import get_close_matches
+
+            close = get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: {key!r} is not a config key{hint}")
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"{where} must be one domain, e.g. {{loguniform: [1e-4, 1e-3]}}, "
+                              f"{{choice: [a, b]}}; got {spec!r}")
+        (kind, args), = spec.items()
+        if kind not in DOMAINS:
+            raise ConfigError(f"{where}: unknown domain {kind!r}; choose one of {list(DOMAINS)}")
+        arity = DOMAINS[kind]
+        if not isinstance(args, list) or (arity is None and not args) or (
+                arity is not None and len(args) != arity):
+            need = "a non-empty list of values" if arity is None else f"a list of {arity} numbers"
+            raise ConfigError(f"{where}: {kind} needs {need}, got {args!r}")
+        if arity is not None:
+            if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+                raise ConfigError(f"{where}: {kind} bounds must be numbers, got {args!r}")
+            if not args[0] < args[1]:
+                raise ConfigError(f"{where}: {kind} needs low < high, got {args!r}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0, got {args!r}")
+            if kind == "randint" and not all(isinstance(a, int) for a in args):
+                raise ConfigError(f"{where}: randint bounds must be integers, got {args!r}")
+        # randint's high is exclusive; the last value it can give is high - 1.
+        ends = args if arity is None else (
+            [args[0], args[1] - 1] if kind == "randint" else args[:2])
+        for value in ends:
+            try:
+                from_dict(apply_overrides(copy.deepcopy(tree), {key: value}))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: value {value!r} gives an invalid config: {exc}") \
+                    from None
+        out[key] = _domain(kind, args)
+    return out
+
+
+def _domain(kind: str, args: list):
+    from ray import tune
+
+    if kind == "choice":
+        return tune.choice(args)
+    if kind == "grid":
+        return tune.grid_search(args)
+    return getattr(tune, kind)(*args)
+
+
+def load_sweep(path: str | Path, overrides: list[str]) -> tuple[Config, SweepSpec]:
+    """The run config and its sweep; ``sweep.K=V`` / ``sweep.scheduler.K=V`` override the sweep."""
+    sweep_over = [o for o in overrides if o.split("=", 1)[0].startswith("sweep.")]
+    cfg = load_config(path, [o for o in overrides if o not in sweep_over])
+    raw = copy.deepcopy(load_yaml(path).get("sweep") or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: sweep must be a mapping, got {raw!r}")
+    for key, value in parse_overrides(sweep_over).items():
+        parts = key.split(".")[1:]
+        if len(parts) == 2 and parts[0] == "scheduler":
+            raw.setdefault("scheduler", {})[parts[1]] = value
+        elif len(parts) == 1 and parts[0] not in ("scheduler", "space"):
+            raw[parts[0]] = value
+        else:
+            raise ConfigError(f"override {key!r}: only sweep.<key> and sweep.scheduler.<key> can "
+                              "be overridden; edit the YAML's sweep.space")
+    return cfg, parse_sweep(raw, cfg)
+
+
+# ------------------------------------------------------------------------------ resources
+
+
+def trial_demand(cfg: Config, trial_cpus: float) -> dict[str, float]:
+    """What one running trial holds: its driver plus its Train workers."""
+    demand = {"CPU": trial_cpus + cfg.dist.num_workers * cfg.dist.cpus_per_worker}
+    if cfg.dist.use_gpu:
+        demand["GPU"] = float(cfg.dist.num_workers)
+    return demand
+
+
+def concurrent_trials(cluster: dict[str, float], demand: dict[str, float], cap: int = 0) -> int:
+    """How many trials fit the cluster at once (at least 1: an autoscaler may add nodes).
+
+    Tune reserves only the trial driver; each Train run then asks for its own workers. Without
+    this limit Tune would start more trials than there are workers for, and they would wait on
+    each other's resources.
+    """
+    fits = min((math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in demand.items() if v > 0),
+               default=1)
+    if fits < 1:
+        log.warning("one trial needs %s but the cluster has %s now; running one trial at a time "
+                    "and waiting for the autoscaler", demand,
+                    {k: cluster.get(k, 0.0) for k in demand})
+        fits = 1
+    return min(fits, cap) if cap else fits
+
+
+# ------------------------------------------------------------------------------ storage, tracking
+
+
+def experiment_path(cfg: Config, spec: SweepSpec) -> str:
+    """``<run.storage>/<sweep name>``: Tune's experiment folder; trial runs go under ``trials/``."""
+    from launch.train import storage_path
+
+    return f"{storage_path(cfg).rstrip('/')}/{spec.name}"
+
+
+def tracking_uri(cfg: Config, spec: SweepSpec) -> str:
+    """One MLflow store for the driver and every worker of every trial."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = experiment_path(cfg, spec)
+    if "://" in root:
+        raise ConfigError(f"run.storage={cfg.run.storage!r} is remote, so the default SQLite "
+                          "MLflow store cannot live there: set tracking.uri=http://HOST:5000 or "
+                          "$MLFLOW_TRACKING_URI")
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(root, 'mlflow.db')}"
+
+
+def report_dir(cfg: Config, spec: SweepSpec) -> Path:
+    """Local folder for the sweep's table, plot and MLflow spool."""
+    root = experiment_path(cfg, spec)
+    if "://" in root:
+        return Path(tempfile.gettempdir()) / "dldkd-sweeps" / spec.name
+    return Path(root)
+
+
+# ------------------------------------------------------------------------------ the trial
+
+
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    """Stable across restores, so a resumed trial finds its checkpoints and MLflow run."""
+    return f"{sweep}-{trial_id}"
+
+
+def _trial_name(sweep: str, trial) -> str:
+    return trial_run_name(sweep, trial.trial_id)
+
+
+def trial_config(base: dict, values: dict[str, Any], *, sweep: str, trial_id: str,
+                 storage: str, uri: str, parent_run_id: str) -> Config:
+    """The run config of one trial: the base config, the sampled values and its identity."""
+    tree = apply_overrides(copy.deepcopy(base), dict(values))
+    apply_overrides(tree, {"run.name": trial_run_name(sweep, trial_id), "run.storage": storage,
+                           "tracking.uri": uri, "tracking.parent_run_id": parent_run_id})
+    return from_dict(tree)
+
+
+def _trial(values: dict, *, base: dict, sweep: str, storage: str, uri: str,
+           parent_run_id: str) -> None:
+    """Tune function trainable: fit one Ray Train run; its reports reach Tune via the callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from launch.train import build_trainer
+
+    cfg = trial_config(base, values, sweep=sweep, trial_id=tune.get_context().get_trial_id(),
+                       storage=storage, uri=uri, parent_run_id=parent_run_id)
+    build_trainer(cfg, name=cfg.run.name, callbacks=[TuneReportCallback()]).fit()
+
+
+def open_tuner(path: str, trainable: Callable, make_new: Callable[[], Any]) -> tuple[Any, bool]:
+    """Restore the experiment at ``path`` if one is there, else start a new one."""
+    from ray import tune
+
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True,
+                                  resume_errored=True), True
+    return make_new(), False
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def trial_rows(histories: dict[str, list[dict]], metric: str, mode: str
+               ) -> list[tuple[str, dict[str, float]]]:
+    """Each trial's best evaluation (the SPEC 1 metrics at its best ``metric``), best first.
+
+    Trials that never reported ``metric`` are left out.
+    """
+    from trainer.evaluate import COLUMNS
+
+    prefix = metric.rsplit("/", 1)[0] + "/" if "/" in metric else ""
+    rows = []
+    for label, history in histories.items():
+        scored = [r for r in history if _finite(r.get(metric))]
+        if not scored:
+            continue
+        best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+        cells = {c: float(best[prefix + c]) for c in COLUMNS if _finite(best.get(prefix + c))}
+        cells[metric] = float(best[metric])
+        if _finite(best.get("step")):
+            cells["step"] = float(best["step"])
+        rows.append((label, cells))
+    rows.sort(key=lambda r: r[1][metric], reverse=mode == "max")
+    return rows
+
+
+def markdown_table(rows: list[tuple[str, dict[str, float]]], params: dict[str, dict]) -> str:
+    """The trial table as Markdown: trial, its sampled values, the metrics of its best eval."""
+    from trainer.evaluate import COLUMNS
+
+    keys = sorted({k for p in params.values() for k in p})
+    cols = [c for c in (*COLUMNS, "step") if any(c in m for _, m in rows)]
+    lines = ["| trial | " + " | ".join(keys + cols) + " |",
+             "|" + "---|" * (1 + len(keys) + len(cols))]
+    for label, m in rows:
+        vals = [_short(params.get(label, {}).get(k, "")) for k in keys]
+        vals += ["-" if c not in m else f"{m[c]:.0f}" if c == "step" else f"{m[c]:.2f}"
+                 for c in cols]
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(histories: dict[str, list[dict]], metric: str, path: Path) -> Path:
+    """PNG of ``metric`` against step, one line per trial (written atomically)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for label, history in histories.items():
+        points = sorted((r["step"], r[metric]) for r in history
+                        if _finite(r.get(metric)) and _finite(r.get("step")))
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"validation {metric} per trial")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------ the sweep
+
+
+@dataclass
+class SweepResult:
+    name: str
+    rows: list[tuple[str, dict[str, float]]]
+    errors: list[str]
+    resumed: bool
+    parent_run_id: str
+    tracking_uri: str
+    plot: Path
+    table: Path
+
+
+def _parent_tracker(cfg: Config, spec: SweepSpec, uri: str):
+    """The sweep's MLflow parent run, found again by its name on resume."""
+    from trainer.tracking import Tracker
+
+    folder = report_dir(cfg, spec)
+    tracker = Tracker(uri, cfg.tracking.experiment, spec.name, folder / "mlflow-spool.jsonl",
+                      system_metrics=False)
+    params = {f"sweep.{k}": v for k, v in asdict(spec).items() if k != "space"}
+    params.update({f"sweep.space.{k}": json.dumps(v) for k, v in spec.space.items()})
+    params.update(cfg.flat())
+    tracker.start(params, {"dldkd.kind": "sweep", "dldkd.sweep": spec.name})
+    if tracker.run_id is None:
+        log.warning("MLflow at %s did not answer: trial runs will not be nested under a sweep "
+                    "run (records are spooled to %s)", uri, tracker.spool)
+    return tracker
+
+
+def _close_stale_children(uri: str, parent_run_id: str) -> None:
+    """Trials stopped by the scheduler never closed their runs: mark them KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_run_id)
+    for run in client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                  "and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
+    """Run (or resume) the sweep on the connected Ray cluster; log and print its results."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from launch.train import storage_path
+
+    space = build_space(spec.space, cfg)
+    if spec.search_alg == "grid":
+        bad = [k for k, v in spec.space.items() if next(iter(v)) not in ("grid", "choice")]
+        if bad:
+            raise ConfigError(f"sweep.search_alg=grid needs grid or choice domains; {bad} are "
+                              "continuous (use search_alg: random)")
+        space = {k: tune.grid_search(next(iter(v.values()))) for k, v in spec.space.items()}
+    path = experiment_path(cfg, spec)
+    uri = tracking_uri(cfg, spec)
+    tracker = _parent_tracker(cfg, spec, uri)
+    parent_id = tracker.run_id or ""
+
+    demand = trial_demand(cfg, spec.trial_cpus)
+    limit = concurrent_trials(ray.cluster_resources(), demand, spec.max_concurrent)
+    log.info("sweep %s: %s per trial, up to %d concurrent trial(s); experiment %s; MLflow %s "
+             "(parent run %s)", spec.name, demand, limit, path, uri, parent_id or "-")
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=cfg.to_dict(), sweep=spec.name,
+                             storage=f"{path}/trials", uri=uri, parent_run_id=parent_id),
+        {"CPU": spec.trial_cpus})
+    if spec.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=spec.scheduler.max_t,
+                                  grace_period=spec.scheduler.grace_period,
+                                  reduction_factor=spec.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+
+    def new_tuner():
+        return tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                scheduler=scheduler,
+                # Tune ignores max_concurrent_trials next to a generator: limit it here.
+                search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=limit),
+                trial_name_creator=functools.partial(_trial_name, spec.name),
+                trial_dirname_creator=functools.partial(_trial_name, spec.name)),
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage_path(cfg)))
+
+    tuner, resumed = open_tuner(path, trainable, new_tuner)
+    if resumed:
+        log.info("resuming sweep %s from %s", spec.name, path)
+    grid = tuner.fit()
+
+    histories: dict[str, list[dict]] = {}
+    params: dict[str, dict] = {}
+    errors: list[str] = []
+    for result in grid:
+        label = Path(result.path).name
+        frame = result.metrics_dataframe
+        histories[label] = frame.to_dict("records") if frame is not None else []
+        params[label] = {k: v for k, v in (result.config or {}).items() if k in spec.space}
+        if result.error is not None:
+            errors.append(f"{label}: {type(result.error).__name__}: {result.error}")
+    rows = trial_rows(histories, spec.metric, spec.mode)
+    out = report_dir(cfg, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    table = _write(out / "trials.md", f"# Sweep {spec.name}\n\nSorted by best {spec.metric} "
+                   f"({spec.mode}).\n\n" + markdown_table(rows, params))
+    plot = plot_curves(histories, spec.metric, out / "sumr.png")
+
+    from trainer.evaluate import format_table
+
+    print(f"\nsweep {spec.name}: {len(rows)} of {len(histories)} trial(s) reported {spec.metric}, "
+          f"sorted best first")
+    print(format_table({f"{label} {_params_text(params.get(label, {}))}".strip(): m
+                        for label, m in rows}))
+    for err in errors:
+        print(f"trial failed: {err}")
+    print(f"table: {table}\nplot: {plot}\nMLflow: {uri} (parent run {parent_id or '-'})")
+
+    if rows:
+        best_label, best = rows[0]
+        tracker.log_metrics({f"best/{spec.metric}": best[spec.metric]}, int(best.get("step", 0)))
+        tracker.set_tags({"dldkd.best_trial": best_label})
+    tracker.log_artifact(table, "sweep")
+    tracker.log_artifact(plot, "sweep")
+    failed = not rows
+    tracker.finish("FAILED" if failed else "FINISHED")
+    if parent_id:
+        try:
+            _close_stale_children(uri, parent_id)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping only
+            log.warning("could not close stopped trial runs: %s", exc)
+    if failed:
+        raise RuntimeError(f"sweep {spec.name}: no trial reported {spec.metric}; "
+                           + ("; ".join(errors) or "see the trial logs"))
+    return SweepResult(spec.name, rows, errors, resumed, parent_id, uri, plot, table)
+
+
+def _params_text(values: dict) -> str:
+    return " ".join(f"{k}={_short(v)}" for k, v in sorted(values.items()))
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="sweep YAML (configs/sweep-*.yaml)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key.sub=value config overrides; sweep.key=value for the sweep")
+
+
+def run(args: argparse.Namespace) -> SweepResult:
+    from launch.train import init_ray
+    from trainer.recipe import setup_logging
+
+    setup_logging()
+    cfg, spec = load_sweep(args.config, args.overrides)
+    init_ray(args.address)
+    return run_sweep(cfg, spec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

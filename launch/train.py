@@ -1,0 +1,134 @@
+"""One training run as a Ray Train job of N DeepSpeed workers.
+
+``python -m launch.train --config configs/tvr.yaml [key=value ...]`` is what ``ray job submit``
+runs. The run's name (``run.name``) and storage (``run.storage``) fix its Ray ``RunConfig``, so a
+relaunch with the same name resumes from the latest checkpoint (``ray.train.get_checkpoint()``);
+``dist.max_failures`` lets Ray restart lost workers from that checkpoint mid-run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from trainer.config import Config, from_dict, load_config
+from trainer.recipe import setup_logging
+
+# Environment every worker process needs (Ray workers do not inherit a driver's os.environ
+# on a remote node, so it travels in the runtime env).
+WORKER_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+}
+
+
+class RayReporter:
+    """Checkpoints staged in a local temp folder per worker, merged by Ray into storage."""
+
+    def restore_dir(self) -> Path | None:
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        return Path(found.to_directory()) if found is not None else None
+
+    def staging_dir(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"dldkd-step{step:08d}-"))
+
+    def report(self, metrics: dict, staged: Path | None, step: int) -> None:
+        import ray.train
+
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        clean["step"] = float(step)
+        checkpoint = ray.train.Checkpoint.from_directory(str(staged)) if staged else None
+        ray.train.report(clean, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:08d}")
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def _worker(loop_config: dict) -> None:
+    """Runs in every Ray Train worker: Ray has set RANK/WORLD_SIZE and the process group."""
+    import ray.train
+    import ray.train.torch
+
+    from trainer.run import train
+
+    setup_logging()
+    ctx = ray.train.get_context()
+    os.environ["NODE_RANK"] = str(ctx.get_node_rank())
+    cfg = from_dict(loop_config["config"])
+    train(cfg, RayReporter(), device=ray.train.torch.get_device())
+
+
+def storage_path(cfg: Config) -> str:
+    """Ray needs an absolute local path or a URI."""
+    if "://" in cfg.run.storage:
+        return cfg.run.storage
+    return str(Path(cfg.run.storage).resolve())
+
+
+def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.dist.cpus_per_worker}
+    if cfg.dist.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        _worker,
+        train_loop_config={"config": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if cfg.dist.use_gpu else "gloo",
+                                 timeout_s=cfg.dist.timeout_s),
+        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.dist.placement_strategy),
+        run_config=RunConfig(
+            name=name or cfg.run.name, storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [], worker_runtime_env={"env_vars": WORKER_ENV}),
+    )
+
+
+def init_ray(address: str | None) -> None:
+    """Join the cluster ``ray job submit`` started us in, or start a local one."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML preset (configs/*.yaml)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+
+def run(args: argparse.Namespace):
+    setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    init_ray(args.address)
+    result = build_trainer(cfg).fit()
+    print(f"run {cfg.run.name}: best SumR {result.metrics.get('val/best_SumR', float('nan')):.2f}"
+          f" at {result.path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,581 @@
+"""``dldkd validate``: everything that can be checked before a cluster is touched.
+
+Each check is a small function returning one named :class:`Check` (OK / WARN / FAIL) whose message
+names the key, the value and what to do. :func:`validate_run` runs them in order and adds a
+per-worker memory estimate (docs/validate.md gives the formulas). With ``offline=True`` the checks
+that read the shards or touch storage and tracking are skipped: the config alone is checked.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sharding.writer import Manifest, ManifestError
+from trainer.config import Config, ConfigError, load_config
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+SPLITS = ("train", "val", "test")
+DEFAULT_QUERIES_PER_VIDEO = 5.0   # TVR's captions per video; the manifest's ratio when known
+HEALTH_TIMEOUT_S = 3.0
+PROBE_PREFIX = ".dldkd-validate-"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str       # OK | WARN | FAIL
+    message: str
+
+
+# -- memory estimate -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryRow:
+    item: str
+    bytes: float
+    note: str
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per worker (one data-parallel rank) of the model states, teacher and activations."""
+
+    student_params: int
+    teacher_params: int | None     # None: unknown offline (an hf-hub config)
+    rows: list[MemoryRow] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(r.bytes for r in self.rows)
+
+    def render(self) -> str:
+        width = max(len(r.item) for r in self.rows + [MemoryRow("total", 0, "")])
+        lines = [f"memory per worker (estimate; student {self.student_params:,} parameters, "
+                 f"teacher {_count(self.teacher_params)}):"]
+        for r in self.rows + [MemoryRow("total", self.total, "")]:
+            lines.append(f"  {r.item:<{width}}  {_size(r.bytes):>10}  {r.note}".rstrip())
+        return "\n".join(lines)
+
+
+def _count(n: int | None) -> str:
+    return "unknown" if n is None else f"{n:,} parameters"
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def student_param_count(cfg: Config) -> int:
+    """Parameters of DualStudent(cfg.model), built on the meta device (nothing allocated)."""
+    import torch
+
+    from trainer.student import DualStudent
+
+    with torch.device("meta"):
+        model = DualStudent(cfg.model)
+    return sum(p.numel() for p in model.parameters())
+
+
+def teacher_param_count(cfg: Config) -> int | None:
+    """Parameters of the open_clip teacher built on the meta device; None if it cannot be built
+    offline (an hf-hub config, an unknown arch: the teacher check says why)."""
+    if not cfg.uses_teacher() or cfg.teacher.placement == "precomputed":
+        return 0
+    from trainer.teacher import HF_HUB, TeacherError, resolve_weights
+
+    import open_clip
+
+    try:
+        source = resolve_weights(cfg.teacher, download=False)
+    except TeacherError:
+        return None
+    if source.model_name.startswith(HF_HUB):
+        return None
+    root = logging.getLogger()   # open_clip warns "No pretrained weights loaded" on the root
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(source.model_name, pretrained=None, load_weights=False,
+                                       device="meta")
+    finally:
+        root.setLevel(level)
+    return sum(p.numel() for p in model.parameters())
+
+
+def activation_elements(cfg: Config, queries_per_video: float = DEFAULT_QUERIES_PER_VIDEO
+                        ) -> float:
+    """Elements the student keeps for backward on one micro-batch (docs/validate.md).
+
+    Fitted to the tensors autograd saves (within 2% over dims, batch sizes and branch choices);
+    every video counted at ``model.max_frames`` and every query at ``model.max_words``.
+    """
+    m = cfg.model
+    n_br = 1 if m.branches != "dual" else 2
+    B, L, W = cfg.data.batch_videos, m.max_frames, m.max_words
+    Q = queries_per_video * B
+    inputs = (1 + 2 * n_br) * (B * L * m.video_dim + Q * W * m.query_dim)
+    per_branch = (11.5 * (B * L + Q * W) * m.hidden + 3 * m.heads * (B * L * L + Q * W * W)
+                  + 4.3 * Q * B * L)
+    return inputs + n_br * per_branch
+
+
+def estimate_memory(cfg: Config, queries_per_video: float = DEFAULT_QUERIES_PER_VIDEO,
+                    teacher_params: int | None = -1) -> MemoryEstimate:
+    """Model states under the ZeRO stage (bf16: 2+2 bytes params+grads, 4+8 fp32 master and
+    moments; fp32: 4+4, 8), teacher replicated or /N under zero3, one micro-batch's activations."""
+    n, stage = cfg.dist.num_workers, cfg.dist.zero_stage
+    bf16 = cfg.dist.precision == "bf16"
+    p = student_param_count(cfg)
+    if teacher_params == -1:
+        teacher_params = teacher_param_count(cfg)
+    param_b, grad_b, opt_b = (2, 2, 12) if bf16 else (4, 4, 8)
+    split = {s: (n if stage >= s else 1) for s in (1, 2, 3)}
+
+    def shard(k: int) -> str:
+        return f"/ {n} workers (ZeRO-{stage})" if split[k] > 1 else "replicated"
+
+    rows = [
+        MemoryRow("student params", p * param_b / split[3], f"{param_b} B x {p:,}, {shard(3)}"),
+        MemoryRow("gradients", p * grad_b / split[2], f"{grad_b} B x {p:,}, {shard(2)}"),
+        MemoryRow("optimizer state", p * opt_b / split[1],
+                  ("fp32 master + 2 moments" if bf16 else "2 fp32 moments")
+                  + f" = {opt_b} B x {p:,}, {shard(1)}"),
+    ]
+    if teacher_params is None:
+        rows.append(MemoryRow("teacher params", 0, "unknown (hf-hub config is read at run time)"))
+    elif teacher_params:
+        t_b = 2 if cfg.dist.use_gpu else 4   # the teacher runs in bf16 on GPUs, fp32 on CPUs
+        zero3 = cfg.teacher.placement == "zero3"
+        rows.append(MemoryRow("teacher params", teacher_params * t_b / (n if zero3 else 1),
+                              f"{t_b} B x {teacher_params:,}, "
+                              + (f"/ {n} workers (zero3)" if zero3 else "replicated")))
+    else:
+        rows.append(MemoryRow("teacher params", 0, f"none ({_teacher_use(cfg)})"))
+    act_b = 2 if bf16 else 4
+    rows.append(MemoryRow(
+        "activations", activation_elements(cfg, queries_per_video) * act_b,
+        f"one micro-batch: B={cfg.data.batch_videos} videos, Q={queries_per_video:g}B queries, "
+        f"L={cfg.model.max_frames}, {act_b} B/element"))
+    return MemoryEstimate(p, teacher_params, rows)
+
+
+def _teacher_use(cfg: Config) -> str:
+    if not cfg.uses_teacher():
+        return "not used by this model.branches / loss settings"
+    return "precomputed embeddings from the shards"
+
+
+# -- the report ------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    checks: list[Check]
+    memory: MemoryEstimate | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.status == FAIL for c in self.checks)
+
+    def render(self) -> str:
+        width = max(len(c.name) for c in self.checks)
+        lines = [f"{c.status:<4}  {c.name:<{width}}  {c.message}" for c in self.checks]
+        if self.memory is not None:
+            lines += ["", self.memory.render()]
+        fails = sum(c.status == FAIL for c in self.checks)
+        warns = sum(c.status == WARN for c in self.checks)
+        lines += ["", f"{fails} failed, {warns} warnings, {len(self.checks) - fails - warns} ok"]
+        return "\n".join(lines)
+
+
+# -- config and batch arithmetic -------------------------------------------------------------------
+def check_config(path: str | None, overrides: list[str] | dict | None
+                 ) -> tuple[Check, Config | None]:
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as err:
+        return Check("config", FAIL, str(err)), None
+    except yaml.YAMLError as err:
+        return Check("config", FAIL, f"{path} is not valid YAML: {err}"), None
+    return Check("config", OK, f"{path or 'defaults'}: types, choices and ranges valid"), cfg
+
+
+def check_batch(cfg: Config) -> Check:
+    from trainer.engine import ds_config
+
+    b, ga, n = cfg.data.batch_videos, cfg.dist.grad_accum, cfg.dist.num_workers
+    if b < 2:
+        return Check("batch", FAIL, f"data.batch_videos={b}: the ranking losses need at least 2 "
+                     "videos per batch for negatives; raise data.batch_videos")
+    total = ds_config(cfg, n)["train_batch_size"]
+    if total != b * ga * n:
+        return Check("batch", FAIL, f"DeepSpeed train_batch_size={total} != data.batch_videos x "
+                     f"dist.grad_accum x dist.num_workers = {b} x {ga} x {n}")
+    msg = f"train_batch_size = batch_videos x grad_accum x num_workers = {b} x {ga} x {n} = {total}"
+    if cfg.loss.hard_pool > b - 1:
+        return Check("batch", WARN, f"{msg}; loss.hard_pool={cfg.loss.hard_pool} exceeds the "
+                     f"{b - 1} negatives of a batch, so negatives are drawn from all of them")
+    return Check("batch", OK, msg)
+
+
+def exact_batches_per_rank(shard_videos: list[int], batch_videos: int, world_size: int,
+                           loader_workers: int) -> list[int]:
+    """Batches each rank yields per exact epoch (the reader's round-robin split by rank, then by
+    DataLoader worker; each worker's last batch may be short)."""
+    workers = max(loader_workers, 1)
+    out = []
+    for rank in range(world_size):
+        mine = shard_videos[rank::world_size]
+        out.append(sum(math.ceil(sum(mine[w::workers]) / batch_videos) for w in range(workers)))
+    return out
+
+
+def steps_per_epoch(cfg: Config, train: Manifest | None) -> int | None:
+    """The run's steps per virtual epoch, or None where it depends on an unread manifest."""
+    if cfg.data.steps_per_epoch:
+        return cfg.data.steps_per_epoch
+    if not cfg.data.resampled:
+        return 0   # exact reading never derives it
+    if train is None:
+        return None
+    from sharding.reader import steps_per_epoch_for
+
+    return steps_per_epoch_for(train, cfg.data.batch_videos, cfg.dist.num_workers)
+
+
+def check_steps(cfg: Config, train: Manifest | None) -> Check:
+    """steps_per_epoch > 0 and, in exact mode, no more steps than the smallest rank's batches."""
+    steps = steps_per_epoch(cfg, train)
+    if steps is None:
+        return Check("steps", OK, "data.steps_per_epoch=0: derived from the train manifest at run "
+                     "time (videos / global batch)")
+    if steps <= 0:
+        return Check("steps", FAIL, "data.resampled=false (exact reading) with "
+                     "data.steps_per_epoch=0 trains zero steps: set data.steps_per_epoch to the "
+                     "batches of the smallest rank, or use data.resampled=true")
+    msg = f"{steps} steps/epoch x train.epochs={cfg.train.epochs} = {steps * cfg.train.epochs} steps"
+    if not cfg.data.resampled and train is not None:
+        per_rank = exact_batches_per_rank([s.videos for s in train.shards], cfg.data.batch_videos,
+                                          cfg.dist.num_workers, cfg.data.loader_workers)
+        if steps > min(per_rank):
+            return Check("steps", FAIL, f"data.steps_per_epoch={steps} but in exact reading the "
+                         f"smallest rank has {min(per_rank)} batches per epoch (per rank: "
+                         f"{per_rank}): set data.steps_per_epoch <= {min(per_rank)}")
+    if cfg.dist.grad_accum > 1 and steps % cfg.dist.grad_accum:
+        return Check("steps", WARN, f"{msg}; {steps} steps/epoch is not a multiple of "
+                     f"dist.grad_accum={cfg.dist.grad_accum}: accumulation windows straddle epochs")
+    return Check("steps", OK, msg)
+
+
+def check_intervals(cfg: Config, train: Manifest | None) -> Check:
+    """eval_every / ckpt_every longer than the run mean one evaluation/checkpoint at the end."""
+    steps = steps_per_epoch(cfg, train)
+    if not steps:
+        return Check("intervals", OK, "checked against the run length at run time")
+    total = steps * cfg.train.epochs
+    for key, every in (("train.eval_every", cfg.train.eval_every),
+                       ("train.ckpt_every", cfg.train.ckpt_every)):
+        if every > total:
+            return Check("intervals", WARN, f"{key}={every} exceeds the run's {total} steps: only "
+                         f"the last step is evaluated/checkpointed (early stopping never triggers);"
+                         f" set {key} <= {total} or 0 (once per epoch)")
+    return Check("intervals", OK, f"eval every {cfg.train.eval_every or steps}, checkpoint every "
+                 f"{cfg.train.ckpt_every or cfg.train.eval_every or steps} of {total} steps")
+
+
+def check_split_size(cfg: Config, train: Manifest) -> Check:
+    b, n = cfg.data.batch_videos, cfg.dist.num_workers
+    videos = train.totals["videos"]
+    if videos < b:
+        return Check("split size", FAIL, f"data.batch_videos={b} > the {videos} videos of "
+                     f"{cfg.data.train}: a batch would repeat videos (a video as its own negative);"
+                     f" set data.batch_videos <= {videos}")
+    if videos // n < b:
+        return Check("split size", WARN, f"{videos} train videos / {n} workers = {videos // n} per "
+                     f"rank < data.batch_videos={b}: one epoch is less than one batch per rank")
+    return Check("split size", OK, f"{videos} train videos, {videos // n} per rank, batches of {b}")
+
+
+def check_readers(cfg: Config, train: Manifest) -> Check:
+    """Exact reading splits shards over ranks x loader workers: each needs at least one."""
+    n, lw = cfg.dist.num_workers, max(cfg.data.loader_workers, 1)
+    shards = len(train.shards)
+    if not cfg.data.resampled and shards < n * lw:
+        return Check("readers", FAIL, f"data.resampled=false needs at least dist.num_workers x "
+                     f"data.loader_workers = {n} x {lw} = {n * lw} shards in {cfg.data.train}, "
+                     f"found {shards}: reshard with fewer videos per shard, lower "
+                     "data.loader_workers, or use data.resampled=true")
+    mode = "resampled" if cfg.data.resampled else "exact"
+    return Check("readers", OK, f"{shards} train shards for {n} x {lw} readers ({mode})")
+
+
+def check_loader_cpus(cfg: Config) -> Check:
+    cpus, lw = cfg.dist.cpus_per_worker, cfg.data.loader_workers
+    if cpus and lw + 1 > cpus:
+        return Check("cpus", WARN, f"data.loader_workers={lw} + the training process exceed "
+                     f"dist.cpus_per_worker={cpus}: loading will compete with training; raise "
+                     f"dist.cpus_per_worker to {lw + 1} or lower data.loader_workers")
+    return Check("cpus", OK, f"{cpus} CPUs per worker for {lw} loader workers + training")
+
+
+def check_gpu(cfg: Config) -> Check:
+    if not cfg.dist.use_gpu:
+        return Check("gpu", OK, "dist.use_gpu=false: CPU workers")
+    import torch
+
+    if not torch.cuda.is_available():
+        return Check("gpu", WARN, "dist.use_gpu=true but this machine has no CUDA device: fine if "
+                     "the cluster's workers have GPUs")
+    return Check("gpu", OK, f"dist.use_gpu=true; {torch.cuda.device_count()} CUDA devices here")
+
+
+# -- shards ----------------------------------------------------------------------------------------
+def check_split(cfg: Config, split: str) -> tuple[Check, Manifest | None]:
+    """The split's manifest exists, reads, and matches the model's dims and the schema."""
+    from sharding.reader import check_manifest, resolve_source
+
+    key = f"data.{split}"
+    source = getattr(cfg.data, split)
+    if not source:
+        if split == "train":
+            return Check(key, FAIL, "data.train is empty: point it at a shard folder"), None
+        if split == "val":
+            return Check(key, WARN, "data.val is empty: no evaluation, no best checkpoint and no "
+                         "early stopping"), None
+        return Check(key, OK, "not set"), None
+    try:
+        urls, manifest = resolve_source(source)
+    except ImportError as err:
+        return Check(key, FAIL, f"{key}={source!r}: {err}; install the filesystem package "
+                     "(s3: pip install 'dldkd[s3]')"), None
+    except (ManifestError, ValueError, OSError) as err:
+        return Check(key, FAIL, f"{key}={source!r}: {err}"), None
+    if manifest is None:
+        return Check(key, WARN, f"{key}={source!r}: {len(urls)} shard URLs without a manifest; "
+                     "dims and counts are not checked"), None
+    try:
+        check_manifest(manifest, cfg.model.video_dim, cfg.model.query_dim)
+    except ManifestError as err:
+        return Check(key, FAIL, f"{key}: {err}"), manifest
+    if manifest.split != split and not (split == "val" and manifest.split == "test"):
+        return Check(key, WARN, f"{key}={source!r} holds split {manifest.split!r}, not {split!r}: "
+                     "is it the intended folder?"), manifest
+    t = manifest.totals
+    return Check(key, OK, f"{t['shards']} shards, {t['videos']} videos, {t['captions']} captions, "
+                 f"dims {manifest.dims}"), manifest
+
+
+def check_teacher_inputs(cfg: Config, train: Manifest) -> Check:
+    """The shards carry what the teacher placement reads: raw frames or pre-extracted embeddings."""
+    if not cfg.uses_teacher():
+        return Check("teacher inputs", OK, _teacher_use(cfg))
+    dims = train.dims
+    if cfg.teacher.placement == "precomputed":
+        if "teacher_dim" not in dims:
+            return Check("teacher inputs", FAIL, "teacher.placement='precomputed' but the train "
+                         "shards have no pre-extracted CLIP embeddings (no dims.teacher_dim): "
+                         "use placement 'replicated' or 'zero3', or reshard with CLIP features")
+        return Check("teacher inputs", OK, f"precomputed embeddings, teacher_dim="
+                     f"{dims['teacher_dim']}")
+    if "teacher_dim" in dims and "image_size" not in dims:
+        return Check("teacher inputs", WARN, f"teacher.placement={cfg.teacher.placement!r} runs "
+                     "CLIP on raw frames, but the train manifest declares pre-extracted embeddings"
+                     " (dims.teacher_dim) and no frame size: set teacher.placement=precomputed "
+                     "unless the shards also hold raw frames")
+    return Check("teacher inputs", OK, f"online teacher on raw frames "
+                 f"(image_size={dims.get('image_size', '?')})")
+
+
+# -- teacher weights -------------------------------------------------------------------------------
+def _looks_like_path(value: str) -> bool:
+    from trainer.teacher import HF_HUB, WEIGHT_SUFFIXES
+
+    return not value.startswith(HF_HUB) and ("/" in value or Path(value).suffix in WEIGHT_SUFFIXES)
+
+
+def check_teacher_weights(cfg: Config, offline: bool) -> Check:
+    t = cfg.teacher
+    if not cfg.uses_teacher() or t.placement == "precomputed":
+        return Check("teacher", OK, _teacher_use(cfg))
+    from trainer.teacher import HF_HUB, TeacherError, resolve_weights
+
+    import open_clip
+
+    if offline and _looks_like_path(t.pretrained) and not Path(t.pretrained).is_file():
+        return Check("teacher", WARN, f"teacher.pretrained={t.pretrained!r} is not on this "
+                     "machine: it must exist on the cluster (checked without --offline)")
+    try:
+        source = resolve_weights(t, download=False)
+    except TeacherError as err:
+        return Check("teacher", FAIL, str(err))
+    if t.pretrained.startswith(HF_HUB):
+        where = _hf_cached(t.pretrained[len(HF_HUB):], ["open_clip_config.json"])
+        return _cache_check(f"teacher.pretrained={t.pretrained!r}", where)
+    if source.checkpoint is None and not t.pretrained:
+        return Check("teacher", WARN, f"teacher.pretrained='' : {t.arch} starts from random "
+                     "weights, so its targets carry no knowledge; set a tag, a checkpoint or "
+                     "hf-hub:org/name")
+    if Path(t.pretrained).is_file():
+        size = Path(t.pretrained).stat().st_size
+        if not size:
+            return Check("teacher", FAIL, f"teacher.pretrained={t.pretrained!r} is empty")
+        return Check("teacher", OK, f"local checkpoint {t.pretrained} ({_size(size)})")
+    tag = open_clip.get_pretrained_cfg(t.arch, t.pretrained)
+    return _cache_check(f"{t.arch} tag {t.pretrained!r}", _tag_cached(tag))
+
+
+def _cache_check(label: str, cached: str | None) -> Check:
+    if cached:
+        return Check("teacher", OK, f"{label}: cached at {cached}")
+    return Check("teacher", WARN, f"{label} will be downloaded at run time (not in this machine's "
+                 "cache); on workers without network pre-fill HF_HOME and set HF_HUB_OFFLINE=1, "
+                 "or point teacher.pretrained at a local file")
+
+
+def _hf_cached(repo_file: str, default_files: list[str]) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_file = repo_file.rstrip("/")
+    repo, name = os.path.split(repo_file) if repo_file.count("/") > 1 else (repo_file, "")
+    for filename in [name] if name else default_files:
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _tag_cached(tag: dict) -> str | None:
+    if tag.get("hf_hub"):
+        found = _hf_cached(tag["hf_hub"], ["open_clip_model.safetensors",
+                                            "open_clip_pytorch_model.bin"])
+        if found:
+            return found
+    if tag.get("url"):
+        path = Path("~/.cache/clip").expanduser() / os.path.basename(tag["url"])
+        if path.is_file():
+            return str(path)
+    return None
+
+
+# -- storage and tracking --------------------------------------------------------------------------
+def _probe_local(folder: Path) -> str | None:
+    """Create and delete a file in ``folder`` or, if it does not exist yet, in its nearest existing
+    parent (where the run would create it); None when that works, else the error."""
+    target = folder
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        return f"{target} is not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=target, prefix=PROBE_PREFIX):
+            pass
+    except OSError as err:
+        return f"cannot write in {target}: {err}"
+    return None
+
+
+def _probe_remote(url: str) -> str | None:
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        kwargs = ({"config_kwargs": {"connect_timeout": 5, "read_timeout": 5,
+                                     "retries": {"max_attempts": 1}}}
+                  if protocol in ("s3", "s3a") else {})
+        fs = fsspec.filesystem(protocol, **kwargs)
+    except ImportError as err:
+        extra = "pip install 'dldkd[s3]'" if protocol in ("s3", "s3a") else \
+            f"install the fsspec backend for {protocol}://"
+        return f"no filesystem for {protocol}:// ({err}): {extra}"
+    except ValueError as err:
+        return f"unknown storage protocol {protocol!r}: {err}"
+    probe = f"{url.rstrip('/')}/{PROBE_PREFIX}{uuid.uuid4().hex}"
+    try:
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as err:  # noqa: BLE001  (credentials, network, permissions alike)
+        return f"cannot write {probe}: {type(err).__name__}: {err} (check credentials/endpoint)"
+    return None
+
+
+def check_storage(cfg: Config) -> Check:
+    storage = cfg.run.storage
+    error = _probe_remote(storage) if "://" in storage else _probe_local(Path(storage))
+    if error:
+        return Check("storage", FAIL, f"run.storage={storage!r}: {error}")
+    return Check("storage", OK, f"run.storage={storage!r} is writable")
+
+
+def check_tracking(cfg: Config) -> Check:
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    origin = "tracking.uri" if cfg.tracking.uri else "$MLFLOW_TRACKING_URI"
+    if not uri:
+        if "://" in cfg.run.storage:
+            return Check("tracking", FAIL, f"tracking.uri is empty and run.storage="
+                         f"{cfg.run.storage!r} is remote: the default SQLite file needs a local "
+                         "folder; set tracking.uri to an MLflow server (http://...)")
+        return Check("tracking", OK, f"SQLite file {Path(cfg.run.storage) / cfg.run.name}/"
+                     "mlflow.db (storage check covers it)")
+    if uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT_S) as resp:
+                status = resp.status
+        except (urllib.error.URLError, OSError) as err:
+            return Check("tracking", FAIL, f"{origin}={uri!r}: {health} did not answer within "
+                         f"{HEALTH_TIMEOUT_S:g} s ({err}); start the server or fix the address")
+        if status != 200:
+            return Check("tracking", FAIL, f"{origin}={uri!r}: {health} answered {status}")
+        return Check("tracking", OK, f"{origin}={uri!r} answers /health")
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if path.exists() and not os.access(path, os.W_OK):
+            return Check("tracking", FAIL, f"{origin}={uri!r}: {path} is not writable")
+        error = _probe_local(path.parent)
+        if error:
+            return Check("tracking", FAIL, f"{origin}={uri!r}: {error}")
+        return Check("tracking", OK, f"{origin}={uri!r}: SQLite file writable")
+    if uri.startswith("file:") or "://" not in uri:
+        error = _probe_local(Path(uri[len("file://"):] if uri.startswith("file://") else uri))
+        if error:
+            return Check("tracking", FAIL, f"{origin}={uri!r}: {error}")
+        return Check("tracking", WARN, f"{origin}={uri!r} is MLflow's legacy file store; prefer "
+                     "sqlite:///path/mlflow.db or a server")
+    return Check("tracking", WARN, f"{origin}={uri!r}: this kind of store is not checked here")
+
+
+# -- all together ----------------------------------------------------------------------------------
+def validate_run(config_path: str | None, overrides: list[str] | dict | None = None, *,
+                 offline: bool = False) -> Report:
+    """Every check in order; a config that does not load is one FAIL and nothing else runs."""
+    first, cfg = check_config(config_path, overrides)
+    if cfg is None:
+        return Report([first])
+    checks = [first, check_batch(cfg)]
+    manifests: dict[str, Manifest | None] = {}
+    if offline:
+        checks.append(Check("data", OK, "skipped (--offline): shards, storage and tracking"))
+    else:
+        for split in SPLITS:
+            check, manifests[split] = check_split(cfg, split)
+            checks.append(check)
+    train = manifests.get("train")
+    if train is not None:
+        checks += [check_split_size(cfg, train), check_readers(cfg, train),
+                   check_teacher_inputs(cfg, train)]
+    checks += [check_steps(cfg, train), check_intervals(cfg, train), check_loader_cpus(cfg),
+               check_teacher_weights(cfg, offline), check_gpu(cfg)]
+    if not offline:
+        checks += [check_storage(cfg), check_tracking(cfg)]
+    qpv = (train.totals["captions"] / train.totals["videos"]
+           if train is not None and train.totals["videos"] else DEFAULT_QUERIES_PER_VIDEO)
+    return Report(checks, estimate_memory(cfg, qpv))

@@ -1,0 +1,355 @@
+"""The streaming reader that feeds one training worker (DESIGN data flow 2).
+
+shard URLs -> split by node (rank) -> split by DataLoader worker -> shuffle -> decode (schema only,
+never webdataset's pickle-capable decoders) -> SPEC 5 batches (``sharding.batch.collate``).
+
+Two modes:
+- resampled (training): every DataLoader worker draws shards with replacement from all shards,
+  seeded by (seed, epoch, rank, worker), and the rank yields exactly ``steps_per_epoch`` batches per
+  virtual epoch, so every rank takes the same number of steps whatever the shard count.
+  Batch k of a rank comes from logical worker k mod W; ``epoch(e, start_step=s)`` resumes exactly
+  by rotating which physical worker plays which logical one and skipping the raw (undecoded)
+  samples of the first s batches.
+- exact (evaluation): shards are split round-robin by rank, then by worker; every sample is read
+  exactly once across all ranks and workers, the last batch of a worker may be short.
+
+A damaged sample or shard is skipped and counted; the counts travel in ``batch.extras["read"]``
+and add up in ``ShardReader.stats``. More than ``max_bad_fraction`` bad raises ``BadDataError``.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import tarfile
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from sharding.batch import Batch, VideoSample, collate
+from sharding.schema import SCHEMA_VERSION, ShardError, UnsafeMemberError, decode_sample
+from sharding.writer import Manifest, ManifestError, load_manifest
+
+_RECENT_ERRORS = 5
+
+
+class BadDataError(RuntimeError):
+    """More of the data was damaged than ``max_bad_fraction`` allows."""
+
+
+@dataclass
+class ReadStats:
+    """Counts of one worker (or, summed, of a whole reader)."""
+
+    samples: int = 0        # decoded and batched
+    bad_samples: int = 0    # skipped: damaged samples plus the samples lost with damaged shards
+    bad_shards: int = 0     # shards that failed to open or broke off midway
+    shards: int = 0         # shards opened
+    errors: list[str] = field(default_factory=list)   # the most recent messages
+
+    def note(self, message: str) -> None:
+        self.errors = (self.errors + [message])[-_RECENT_ERRORS:]
+
+    @property
+    def bad_fraction(self) -> float:
+        seen = self.samples + self.bad_samples
+        return self.bad_samples / seen if seen else 0.0
+
+    def add(self, other: "ReadStats") -> None:
+        self.samples += other.samples
+        self.bad_samples += other.bad_samples
+        self.bad_shards += other.bad_shards
+        self.shards += other.shards
+        self.errors = (self.errors + other.errors)[-_RECENT_ERRORS:]
+
+
+def resolve_source(source: str | Iterable[str]) -> tuple[list[str], Manifest | None]:
+    """Shard URLs and the manifest (if any) for a directory/manifest location or shard URLs.
+
+    ``source`` may be a directory or URL holding ``manifest.json`` (or the manifest itself), a brace
+    pattern (``/data/train-{000000..000009}.tar``), a list of those, local paths, ``file://``,
+    ``http(s)://``, ``s3://`` (through fsspec) or ``pipe:`` commands.
+    """
+    import braceexpand
+
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, str):
+        if not source.endswith(".tar") and not source.startswith("pipe:") and "{" not in source:
+            manifest = load_manifest(source)
+            return manifest.urls(), manifest
+        source = [source]
+    urls = [u for s in source for u in braceexpand.braceexpand(os.fspath(s))]
+    if not urls:
+        raise ValueError(f"no shard URLs in {source!r}")
+    return urls, None
+
+
+def check_manifest(manifest: Manifest, video_dim: int | None = None, query_dim: int | None = None,
+                   teacher_dim: int | None = None) -> None:
+    """Fail early when the shards were written for another model shape or schema."""
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise ManifestError(f"shards at {manifest.base} use schema {manifest.schema_version}, "
+                            f"this reader reads {SCHEMA_VERSION}")
+    for key, want in (("video_dim", video_dim), ("query_dim", query_dim),
+                      ("teacher_dim", teacher_dim)):
+        have = manifest.dims.get(key)
+        if want is not None and have is not None and have != want:
+            raise ManifestError(f"shards at {manifest.base} have {key}={have} but the model expects"
+                                f" {want}: set model.{key}={have} or point data at other shards")
+
+
+def steps_per_epoch_for(manifest: Manifest, batch_videos: int, world_size: int) -> int:
+    """One virtual epoch = about one pass over the split by all ranks together."""
+    return max(1, manifest.totals["videos"] // (batch_videos * world_size))
+
+
+def _local_path(url: str) -> str | None:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return url2pathname(parsed.path)
+    return url if parsed.scheme == "" or len(parsed.scheme) == 1 else None   # 1 letter: a drive
+
+
+def _tar_members(url: str) -> Iterator[dict]:
+    """(fname, data) of every regular member in tar order, tagged with the shard's URL.
+
+    A local shard is read with random-access ``tarfile`` (about twice as fast as a stream);
+    anything else is streamed: ``pipe:`` through webdataset's gopen, URLs through fsspec.
+    """
+    path = _local_path(url)
+    if path is not None:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if info.isreg():
+                    yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+        return
+    if url.startswith("pipe:"):
+        stream = wds.gopen(url)
+    else:
+        import fsspec
+
+        stream = fsspec.open(url, "rb").open()
+    try:
+        for f in tar_file_iterator(stream):
+            f["__url__"] = url
+            yield f
+    finally:
+        stream.close()
+
+
+def _raw_samples(urls: Iterable[str], stats: ReadStats, expected: dict[str, int],
+                 give_up_after: int | None) -> Iterator[dict]:
+    """Undecoded samples of each shard in turn; a shard that breaks is counted, not fatal."""
+    dry = 0   # consecutive shards without a single sample
+    for url in urls:
+        n = 0
+        stats.shards += 1
+        try:
+            for sample in group_by_keys(_tar_members(url)):
+                n += 1
+                yield sample
+            if n < expected.get(url, 0):
+                raise ShardError(f"ends after {n} of the manifest's {expected[url]} samples")
+        except Exception as e:   # noqa: BLE001 (any I/O or tar error: skip the rest of the shard)
+            stats.bad_shards += 1
+            stats.bad_samples += max(expected.get(url, n + 1) - n, 1)
+            stats.note(f"shard {url}: {type(e).__name__}: {e} (after {n} samples)")
+        dry = 0 if n else dry + 1
+        if give_up_after is not None and dry >= give_up_after:
+            raise BadDataError(f"{dry} shards in a row gave no sample; last error: "
+                               f"{stats.errors[-1] if stats.errors else 'none'}")
+
+
+def _groups(samples: Iterator[dict], n: int) -> Iterator[list[dict]]:
+    while True:
+        group = list(itertools.islice(samples, n))
+        if not group:
+            return
+        yield group
+
+
+@dataclass
+class _Plan:
+    """What one reader iteration does (copied into every DataLoader worker)."""
+
+    urls: list[str]
+    expected: dict[str, int]
+    rank: int
+    world_size: int
+    batch_videos: int
+    resampled: bool
+    steps: int
+    seed: int
+    shuffle_buffer: int
+    max_words: int
+    epoch: int = 0
+    start_step: int = 0
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    def __init__(self, plan: _Plan):
+        super().__init__()
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[Batch]:
+        p = self.plan
+        info = torch.utils.data.get_worker_info()
+        physical, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        stats = ReadStats()
+        if p.resampled:
+            worker = (p.start_step + physical) % n_workers
+            rng = random.Random(_seed(p.seed, p.epoch, p.rank, worker))
+            skip = max(0, -(-(p.start_step - worker) // n_workers))
+            total = p.steps // n_workers + (worker < p.steps % n_workers) - skip
+            urls = (rng.choice(p.urls) for _ in itertools.count())
+            give_up = max(10, 2 * len(p.urls))
+        else:
+            worker, rng, skip, total = physical, None, 0, None
+            urls = p.urls[p.rank::p.world_size][physical::n_workers]
+            give_up = None
+        raw = _raw_samples(urls, stats, p.expected, give_up)
+        if rng is not None and p.shuffle_buffer > 1:
+            raw = wds.shuffle(p.shuffle_buffer, initial=p.shuffle_buffer, rng=rng)(raw)
+        produced = 0
+        for group in itertools.islice(_groups(raw, p.batch_videos), skip, None):
+            if total is not None and produced >= total:
+                break
+            videos = []
+            for members in group:
+                try:
+                    videos.append(decode_sample(members, members.get("__url__", "?")))
+                except UnsafeMemberError:
+                    raise
+                except ShardError as e:
+                    stats.bad_samples += 1
+                    stats.note(str(e))
+            if not videos:   # resampled: the next group stands in, so the step count holds
+                stats.note(f"a whole batch of {len(group)} samples was damaged")
+                continue
+            produced += 1
+            stats.samples += len(videos)
+            batch = collate(videos, p.max_words)
+            batch.extras["read"] = {"worker": worker, **asdict(stats)}
+            yield batch
+        # Counts after the last batch (a shard that broke at the end) still reach the caller.
+        yield _WorkerDone({"worker": worker, **asdict(stats)})
+
+
+@dataclass
+class _WorkerDone:
+    read: dict
+
+
+def _identity(x):
+    return x
+
+
+class ShardReader:
+    """Batches for one rank, epoch by epoch, through a DataLoader with ``loader_workers``."""
+
+    def __init__(self, source, *, rank: int = 0, world_size: int = 1, batch_videos: int = 128,
+                 loader_workers: int = 2, resampled: bool = True, steps_per_epoch: int = 0,
+                 seed: int = 0, shuffle_buffer: int = 256, max_bad_fraction: float = 0.01,
+                 max_words: int = 30, video_dim: int | None = None, query_dim: int | None = None,
+                 teacher_dim: int | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_videos < 1 or loader_workers < 0:
+            raise ValueError(f"batch_videos must be >= 1 and loader_workers >= 0, got "
+                             f"{batch_videos}, {loader_workers}")
+        self.urls, self.manifest = resolve_source(source)
+        if self.manifest is not None:
+            check_manifest(self.manifest, video_dim, query_dim, teacher_dim)
+        workers = max(loader_workers, 1)
+        if resampled:
+            if steps_per_epoch <= 0:
+                if self.manifest is None:
+                    raise ValueError("resampled reading needs steps_per_epoch > 0 when the shards "
+                                     "have no manifest (data.steps_per_epoch)")
+                steps_per_epoch = steps_per_epoch_for(self.manifest, batch_videos, world_size)
+        elif len(self.urls) < world_size * workers:
+            raise ValueError(
+                f"exact-epoch reading of {source!r} needs at least world_size x loader_workers = "
+                f"{world_size} x {workers} = {world_size * workers} shards, found {len(self.urls)}: "
+                "write smaller shards (videos_per_shard) or use fewer loader workers")
+        expected = {}
+        if self.manifest is not None:
+            expected = {u: s.videos for u, s in zip(self.urls, self.manifest.shards)}
+        self.plan = _Plan(self.urls, expected, rank, world_size, batch_videos, resampled,
+                          steps_per_epoch, seed, shuffle_buffer, max_words)
+        self.loader_workers = loader_workers
+        self.max_bad_fraction = max_bad_fraction
+        self.stats = ReadStats()          # all finished and current epochs
+        self.epoch_stats = ReadStats()    # the current epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps
+
+    def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of virtual epoch ``epoch`` from step ``start_step`` on (resampled mode)."""
+        if start_step and not self.plan.resampled:
+            raise ValueError("start_step is only meaningful in resampled mode")
+        if start_step < 0 or (start_step and start_step >= self.plan.steps):
+            raise ValueError(f"start_step {start_step} is outside 0..{self.plan.steps - 1}")
+        self.plan.epoch, self.plan.start_step = epoch, start_step
+        loader = torch.utils.data.DataLoader(
+            _EpochDataset(self.plan), batch_size=None, num_workers=self.loader_workers,
+            collate_fn=_identity, persistent_workers=False)
+        per_worker: dict[int, dict] = {}
+        self.epoch_stats = ReadStats()
+        for item in loader:
+            if isinstance(item, _WorkerDone):
+                per_worker[item.read["worker"]] = item.read
+                continue
+            per_worker[item.extras["read"]["worker"]] = item.extras["read"]
+            self._update(per_worker, final=False)
+            yield item
+        self._update(per_worker, final=True)
+        self.stats.add(self.epoch_stats)
+
+    def _update(self, per_worker: dict[int, dict], final: bool) -> None:
+        s = ReadStats()
+        for read in per_worker.values():
+            s.add(ReadStats(**{k: v for k, v in read.items() if k != "worker"}))
+        self.epoch_stats = s
+        seen = s.samples + s.bad_samples
+        if (final or seen >= self.plan.batch_videos) and s.bad_fraction > self.max_bad_fraction:
+            raise BadDataError(
+                f"{s.bad_samples} of {seen} samples ({s.bad_fraction:.1%}) were damaged, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}; recent errors: {s.errors}")
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
+
+
+def read_all(source, max_bad_fraction: float = 0.0) -> list[VideoSample]:
+    """Every video of a split in shard order, in this process (evaluation galleries)."""
+    urls, manifest = resolve_source(source)
+    expected = {u: s.videos for u, s in zip(urls, manifest.shards)} if manifest else {}
+    stats = ReadStats()
+    out = []
+    for members in _raw_samples(urls, stats, expected, None):
+        try:
+            out.append(decode_sample(members, members.get("__url__", "?")))
+        except UnsafeMemberError:
+            raise
+        except ShardError as e:
+            stats.bad_samples += 1
+            stats.note(str(e))
+    stats.samples = len(out)
+    if stats.bad_fraction > max_bad_fraction:
+        raise BadDataError(f"{stats.bad_samples} of {stats.samples + stats.bad_samples} samples in "
+                           f"{source!r} were damaged; recent errors: {stats.errors}")
+    return out

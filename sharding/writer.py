@@ -1,0 +1,317 @@
+"""Write one split as tar shards + manifest.json, resumable and verified by sha256.
+
+The caller streams video ids and a ``load(id) -> VideoSample`` that does the preprocessing; a
+video that cannot be built raises ``SkipVideo(reason)`` and is counted, never fatal. A progress
+record (``.progress-<split>.json``) lists finished shards with their checksum and the digest of
+the ids they consumed, so a rerun skips them without calling ``load`` and rewrites from the first
+shard that is missing, truncated, corrupt or was cut from different ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from sharding.batch import VideoSample
+from sharding.schema import SCHEMA_VERSION, encode_sample
+
+MANIFEST = "manifest.json"
+DEFAULT_VIDEOS_PER_SHARD = 500
+
+
+class SkipVideo(Exception):
+    """Raised by a ``load`` callable: this video cannot be written (the reason is recorded)."""
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable, or written for another schema version."""
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    sha256: str
+    videos: int
+    captions: int
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    split: str
+    shards: list[ShardInfo]
+    dims: dict
+    skipped: dict = field(default_factory=lambda: {"count": 0, "ids": {}})
+    notes: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    totals: dict = field(default_factory=dict)
+    base: str = ""   # where the manifest was read from (not written)
+
+    def __post_init__(self):
+        self.totals = {"shards": len(self.shards), "videos": sum(s.videos for s in self.shards),
+                       "captions": sum(s.captions for s in self.shards),
+                       "bytes": sum(s.bytes for s in self.shards)}
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("base")
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    def urls(self) -> list[str]:
+        """Shard locations next to the manifest (paths or URLs, as the manifest was read)."""
+        return [f"{self.base.rstrip('/')}/{s.name}" if self.base else s.name for s in self.shards]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _ids_digest(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+class _ShardBuffer:
+    """Encoded samples of the shard being built (written in one go when the shard is full)."""
+
+    def __init__(self):
+        self.ids: list[str] = []          # every id consumed, skipped ones included
+        self.samples: list[dict] = []
+        self.captions = 0
+        self.bytes = 0
+
+    def add(self, encoded: dict, n_caps: int) -> None:
+        self.samples.append(encoded)
+        self.captions += n_caps
+        self.bytes += sum(len(v) + 512 for k, v in encoded.items() if not k.startswith("__"))
+
+    def write(self, path: Path) -> ShardInfo:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for s in self.samples:
+                    key = s["__key__"]
+                    for name in sorted(k for k in s if not k.startswith("__")):
+                        _add_member(tar, f"{key}.{name}", s[name])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return ShardInfo(path.name, _sha256(path), len(self.samples), self.captions,
+                         path.stat().st_size)
+
+
+def _check_dims(s: VideoSample, dims: dict) -> None:
+    found = {"video_dim": s.frames.shape[1], "query_dim": s.tokens[0].shape[-1]}
+    if s.teacher_frame_emb is not None:
+        found["teacher_dim"] = s.teacher_frame_emb.shape[1]
+    if s.teacher_text_emb is not None:
+        found["teacher_dim"] = s.teacher_text_emb.shape[1]
+    for k, v in found.items():
+        if k in dims and dims[k] != v:
+            raise ValueError(f"video {s.video_id!r}: {k} is {v} but the split declares "
+                             f"dims[{k!r}] = {dims[k]}; all videos of a split share one dim")
+
+
+def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str], VideoSample], *,
+                videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD, max_shard_bytes: int | None = None,
+                dims: dict, notes: dict | None = None, progress: bool = True) -> Manifest:
+    """Stream ``items`` through ``load`` into ``<split>-NNNNNN.tar`` shards and a manifest.
+
+    A shard closes at ``videos_per_shard`` videos or once it holds ``max_shard_bytes`` (whichever
+    comes first). One directory holds one split: its ``manifest.json`` describes that split.
+    """
+    if videos_per_shard < 1:
+        raise ValueError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
+    if not split or "/" in split or "-" in split:
+        raise ValueError(f"split name {split!r} must be non-empty without '/' or '-'")
+    for k in ("video_dim", "query_dim"):
+        if not isinstance(dims.get(k), int):
+            raise ValueError(f"dims must give an integer {k!r}, got {dims!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("split") != split:
+            raise ValueError(f"{manifest_path} describes split {old.get('split')!r}, not {split!r}:"
+                             f" write each split to its own directory (e.g. {out / split})")
+    progress_path = out / f".progress-{split}.json"
+    done: list[dict] = []
+    if progress_path.exists():
+        record = json.loads(progress_path.read_text())
+        if record.get("schema_version") == SCHEMA_VERSION and record.get("dims") == dims:
+            done = record["shards"]
+
+    bar = _progress_bar(items, split, progress)
+    it = iter(items)
+    shards: list[ShardInfo] = []
+    skipped: dict[str, str] = {}
+    kept: list[dict] = []
+    last_ids: list[str] = []   # ids consumed by the last finished shard
+    # Resume: keep the leading shards that verify, consuming their ids without loading them.
+    for rec in done:
+        ids = _take(it, rec["n_items"])
+        path = out / rec["info"]["name"]
+        if (len(ids) != rec["n_items"] or _ids_digest(ids) != rec["ids_digest"]
+                or not path.exists() or _sha256(path) != rec["info"]["sha256"]):
+            it = _chain(ids, it)
+            break
+        kept.append(rec)
+        last_ids = ids
+        shards.append(ShardInfo(**rec["info"]))
+        skipped.update(rec["skipped"])
+        bar.update(len(ids))
+
+    def save_progress():
+        _atomic_write(progress_path, json.dumps(
+            {"schema_version": SCHEMA_VERSION, "dims": dims, "shards": kept}).encode())
+
+    save_progress()
+    buf = _ShardBuffer()
+    shard_skips: dict[str, str] = {}
+
+    def flush():
+        nonlocal buf, shard_skips, last_ids
+        info = buf.write(out / f"{split}-{len(shards):06d}.tar")
+        shards.append(info)
+        kept.append({"info": asdict(info), "n_items": len(buf.ids),
+                     "ids_digest": _ids_digest(buf.ids), "skipped": shard_skips})
+        save_progress()
+        last_ids = buf.ids
+        buf, shard_skips = _ShardBuffer(), {}
+
+    for vid in it:
+        buf.ids.append(vid)
+        bar.update(1)
+        try:
+            sample = load(vid)
+        except SkipVideo as e:
+            shard_skips[vid] = skipped[vid] = str(e) or "skipped"
+            bar.set_postfix(skipped=len(skipped))
+            continue
+        _check_dims(sample, dims)
+        buf.add(encode_sample(sample), len(sample.cap_ids))
+        if len(buf.samples) >= videos_per_shard or (max_shard_bytes and buf.bytes >= max_shard_bytes):
+            flush()
+    if buf.samples:
+        flush()
+    elif buf.ids and kept:   # trailing skipped ids belong to the last shard's record
+        last_ids = last_ids + buf.ids
+        kept[-1]["n_items"] = len(last_ids)
+        kept[-1]["ids_digest"] = _ids_digest(last_ids)
+        kept[-1]["skipped"].update(shard_skips)
+        save_progress()
+    bar.close()
+    _remove_stale(out, split, {s.name for s in shards})
+    manifest = Manifest(split=split, shards=shards, dims=dict(dims), notes=dict(notes or {}),
+                        skipped={"count": len(skipped), "ids": skipped})
+    if not shards:
+        raise ValueError(f"split {split!r}: no video could be written ({len(skipped)} skipped, "
+                         f"e.g. {next(iter(skipped.items()), None)})")
+    _atomic_write(manifest_path, manifest.to_json().encode())
+    manifest.base = str(out)
+    return manifest
+
+
+def _take(it: Iterator[str], n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
+    yield from first
+    yield from rest
+
+
+def _remove_stale(out: Path, split: str, keep: set[str]) -> None:
+    """Delete shards of this split left by an earlier, longer run (a glob would pick them up)."""
+    for p in out.glob(f"{split}-*.tar*"):
+        if p.name not in keep:
+            p.unlink()
+
+
+def _progress_bar(items, split: str, enabled: bool):
+    from tqdm import tqdm
+
+    total = len(items) if hasattr(items, "__len__") else None
+    return tqdm(total=total, desc=f"shard {split}", unit="video", disable=not enabled)
+
+
+def load_manifest(path_or_url: str | os.PathLike) -> Manifest:
+    """Read a manifest from a directory, a manifest.json path, or an fsspec URL (file/http/s3)."""
+    loc = str(path_or_url)
+    if not loc.endswith(".json"):
+        loc = loc.rstrip("/") + "/" + MANIFEST
+    try:
+        if "://" in loc:
+            import fsspec
+
+            with fsspec.open(loc, "rb") as f:
+                raw = f.read()
+        else:
+            raw = Path(loc).read_bytes()
+    except FileNotFoundError as e:
+        raise ManifestError(f"no shard manifest at {loc}: write the split with `dldkd shard ...` "
+                            "or point data.train/val/test at the directory that holds it") from e
+    except OSError as e:
+        raise ManifestError(f"cannot read the shard manifest {loc}: {e}") from e
+    try:
+        d = json.loads(raw)
+    except ValueError as e:
+        raise ManifestError(f"shard manifest {loc} is not valid JSON ({e})") from e
+    version = d.get("schema_version") if isinstance(d, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"shard manifest {loc} has schema_version {version!r}; this code reads "
+                            f"version {SCHEMA_VERSION}: rewrite the shards with this version")
+    try:
+        m = Manifest(split=d["split"], shards=[ShardInfo(**s) for s in d["shards"]],
+                     dims=d["dims"], skipped=d.get("skipped", {"count": 0, "ids": {}}),
+                     notes=d.get("notes", {}))
+    except (KeyError, TypeError) as e:
+        raise ManifestError(f"shard manifest {loc} is incomplete ({e!r})") from e
+    m.base = loc.rsplit("/", 1)[0] if "/" in loc else "."
+    return m
+
+
+def verify_shards(directory) -> dict[str, str]:
+    """Check every shard in ``directory``'s manifest: {shard name: problem}, empty when all good."""
+    m = load_manifest(directory)
+    problems = {}
+    for s in m.shards:
+        path = Path(directory) / s.name
+        if not path.exists():
+            problems[s.name] = "missing"
+        elif path.stat().st_size != s.bytes:
+            problems[s.name] = f"size {path.stat().st_size} != {s.bytes} in the manifest (truncated?)"
+        elif _sha256(path) != s.sha256:
+            problems[s.name] = "sha256 differs from the manifest (corrupt)"
+    return problems
+

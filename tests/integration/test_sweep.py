@@ -1,0 +1,289 @@
+"""Sweeps: the YAML search space, the concurrency limit, trial configs, resume, results."""
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from launch import sweep
+from trainer.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny() -> Config:
+    return load_config(ROOT / "configs" / "tiny.yaml")
+
+
+# ------------------------------------------------------------------------- search space
+
+
+def test_each_domain_becomes_the_tune_domain_it_names() -> None:
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
+
+    space = sweep.build_space({
+        "optim.lr": {"loguniform": [1e-4, 1e-3]},
+        "loss.kd_temp": {"uniform": [0.1, 0.5]},
+        "model.inh_weight": {"quniform": [0.5, 0.9, 0.1]},
+        "train.seed": {"randint": [1, 4]},
+        "loss.targets": {"choice": ["soft", "hard"]},
+        "loss.kd_schedule": {"grid": ["exp_down", "linear"]},
+    }, tiny())
+    assert isinstance(space["optim.lr"], Float)
+    assert isinstance(space["optim.lr"].get_sampler(), LogUniform)
+    assert isinstance(space["model.inh_weight"].get_sampler(), Quantized)
+    assert isinstance(space["train.seed"], Integer)
+    assert isinstance(space["loss.targets"], Categorical)
+    assert space["loss.kd_schedule"] == {"grid_search": ["exp_down", "linear"]}
+    draws = {k: [space[k].sample() for _ in range(200)]
+             for k in ("optim.lr", "loss.kd_temp", "model.inh_weight", "train.seed", "loss.targets")}
+    assert all(1e-4 <= v <= 1e-3 for v in draws["optim.lr"])
+    # log-uniform: about half the draws fall below the geometric mean, not the arithmetic one
+    below = sum(v < math.sqrt(1e-4 * 1e-3) for v in draws["optim.lr"])
+    assert 60 < below < 140
+    assert all(0.1 <= v <= 0.5 for v in draws["loss.kd_temp"])
+    assert all(abs(v * 10 - round(v * 10)) < 1e-9 and 0.5 <= v <= 0.9
+               for v in draws["model.inh_weight"])
+    assert set(draws["train.seed"]) == {1, 2, 3}  # randint's high is exclusive
+    assert set(draws["loss.targets"]) == {"soft", "hard"}
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"optim.learning_rate": {"uniform": [0.1, 0.2]}}, "did you mean 'optim.lr'"),
+    ({"optim.lr": {"gaussian": [0.1, 0.2]}}, "unknown domain 'gaussian'"),
+    ({"optim.lr": {"uniform": [0.1]}}, "needs a list of 2 numbers"),
+    ({"optim.lr": {"loguniform": [0.0, 1e-3]}}, "loguniform needs low > 0"),
+    ({"optim.lr": {"uniform": [1e-3, 1e-4]}}, "low < high"),
+    ({"optim.lr": {"uniform": [1e-3, 2.0]}}, "value 2.0 gives an invalid config"),
+    ({"loss.targets": {"choice": ["soft", "medium"]}}, "value 'medium' gives an invalid config"),
+    ({"train.seed": {"grid": []}}, "non-empty list"),
+    ({"optim.lr": 1e-3}, "must be one domain"),
+])
+def test_bad_space_names_the_key(space: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match="sweep.space.") as err:
+        sweep.build_space(space, tiny())
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"nmae": "x"}, "unknown sweep key(s) ['nmae']"),
+    ({"name": "a/b"}, "sweep.name='a/b'"),
+    ({"mode": "up"}, "sweep.mode='up'"),
+    ({"num_samples": 0}, "sweep.num_samples=0"),
+    ({"search_alg": "optuna"}, "optuna/hyperopt are not installed"),
+    ({"scheduler": {"type": "pbt"}}, "sweep.scheduler.type='pbt'"),
+    ({"scheduler": {"type": "asha", "time_attr": "training_iteration", "max_t": 8}},
+     "use time_attr: step"),
+    ({"scheduler": {"type": "asha"}}, "sweep.scheduler.max_t is needed"),
+    ({"scheduler": {"type": "asha", "max_t": 4, "grace_period": 8}}, "exceeds max_t=4"),
+    ({"scheduler": {"kind": "asha"}}, "unknown sweep.scheduler key(s) ['kind']"),
+    ({"trial_cpus": 0}, "sweep.trial_cpus=0"),
+])
+def test_bad_sweep_section_is_named(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        sweep.parse_sweep(raw, tiny())
+    assert message in str(err.value)
+
+
+def test_asha_max_t_defaults_to_the_run_length_in_steps() -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["data.steps_per_epoch=5", "train.epochs=3"])
+    spec = sweep.parse_sweep({"scheduler": {"type": "asha", "grace_period": 5}}, cfg)
+    assert spec.scheduler.max_t == 15
+    assert spec.name == "tiny"  # the run name, when the sweep names none
+
+
+def test_load_sweep_splits_config_and_sweep_overrides(tmp_path: Path) -> None:
+    cfg, spec = sweep.load_sweep(ROOT / "configs" / "sweep-demo.yaml", [
+        "data.train=/x/train", "sweep.num_samples=3", "sweep.scheduler.type=asha",
+        "sweep.scheduler.max_t=32", "sweep.name=other"])
+    assert cfg.data.train == "/x/train"
+    assert (spec.num_samples, spec.scheduler.type, spec.scheduler.max_t, spec.name) == (
+        3, "asha", 32, "other")
+    with pytest.raises(ConfigError, match="edit the YAML's sweep.space"):
+        sweep.load_sweep(ROOT / "configs" / "sweep-demo.yaml", ["sweep.space.optim.lr=1"])
+
+
+def test_shipped_sweeps_load_with_their_documented_overrides() -> None:
+    cfg, spec = sweep.load_sweep(ROOT / "configs" / "sweep-demo.yaml", [])
+    assert spec.num_samples * len(spec.space["optim.lr"]["grid"]) == 2
+    assert (cfg.dist.num_workers, spec.search_alg) == (2, "grid")
+    cfg, spec = sweep.load_sweep(ROOT / "configs" / "sweep-tvr.yaml", [
+        "data.train=s3://b/train", "data.val=s3://b/val", "run.storage=s3://b/runs",
+        "dist.use_gpu=true"])
+    assert spec.scheduler.type == "asha" and spec.metric == "val/SumR"
+    # the SQLite default cannot live on S3: the error says what to set
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        sweep.tracking_uri(cfg, spec)
+
+
+# ------------------------------------------------------------------------- resources
+
+
+def test_trial_demand_counts_the_driver_and_every_worker() -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["dist.num_workers=3",
+                                                       "dist.cpus_per_worker=2"])
+    assert sweep.trial_demand(cfg, 0.5) == {"CPU": 6.5}
+    cfg = load_config(ROOT / "configs" / "sweep-tvr.yaml", [])
+    assert sweep.trial_demand(cfg, 1) == {"CPU": 33, "GPU": 4.0}
+
+
+@pytest.mark.parametrize("cluster, demand, cap, expected", [
+    ({"CPU": 4.0}, {"CPU": 1.5}, 0, 2),           # CPU bound: floor(4 / 1.5)
+    ({"CPU": 4.0}, {"CPU": 1.5}, 1, 1),           # the sweep's own cap wins when smaller
+    ({"CPU": 64.0, "GPU": 8.0}, {"CPU": 33.0, "GPU": 4.0}, 0, 1),  # CPUs bind before GPUs
+    ({"CPU": 200.0, "GPU": 8.0}, {"CPU": 33.0, "GPU": 4.0}, 0, 2),  # GPUs bind
+    ({"CPU": 200.0, "GPU": 8.0}, {"CPU": 33.0, "GPU": 4.0}, 5, 2),  # cap above what fits
+    ({"CPU": 6.0}, {"CPU": 2.0}, 0, 3),           # exact fit, no float loss
+    ({"CPU": 0.0}, {"CPU": 2.0}, 0, 1),           # head with num-cpus 0: wait for autoscaling
+])
+def test_concurrent_trials_fit_the_cluster(cluster, demand, cap, expected) -> None:
+    assert sweep.concurrent_trials(cluster, demand, cap) == expected
+
+
+# ------------------------------------------------------------------------- trial identity
+
+
+def test_trial_config_applies_values_and_a_stable_identity() -> None:
+    base = tiny().to_dict()
+    cfg = sweep.trial_config(base, {"optim.lr": 2e-4, "loss.targets": "hard"}, sweep="s1",
+                             trial_id="ab12_00001", storage="/r/s1/trials", uri="sqlite:///x.db",
+                             parent_run_id="p123")
+    assert (cfg.optim.lr, cfg.loss.targets) == (2e-4, "hard")
+    assert cfg.run.name == "s1-ab12_00001" == sweep.trial_run_name("s1", "ab12_00001")
+    assert (cfg.run.storage, cfg.tracking.uri, cfg.tracking.parent_run_id) == (
+        "/r/s1/trials", "sqlite:///x.db", "p123")
+    assert base["optim"]["lr"] == tiny().optim.lr  # the shared base is not mutated
+
+
+def test_open_tuner_starts_new_without_an_experiment(tmp_path: Path) -> None:
+    made = []
+    tuner, resumed = sweep.open_tuner(str(tmp_path / "none"), lambda c: None,
+                                      lambda: made.append(1) or "new")
+    assert (tuner, resumed, made) == ("new", False, [1])
+
+
+# ------------------------------------------------------------------------- results
+
+
+HISTORIES = {
+    "s-a": [{"step": 4.0, "val/SumR": 100.0, "val/R1": 5.0, "val/R5": 20.0, "val/R10": 30.0,
+             "val/R100": 45.0},
+            {"step": 8.0, "val/SumR": 150.0, "val/R1": 10.0, "val/R5": 30.0, "val/R10": 40.0,
+             "val/R100": 70.0},
+            {"step": 12.0, "val/SumR": 120.0, "val/R1": 8.0, "val/R5": 25.0, "val/R10": 37.0,
+             "val/R100": 50.0}],
+    "s-b": [{"step": 4.0, "val/SumR": 160.0, "val/R1": 12.0, "val/R5": 33.0, "val/R10": 45.0,
+             "val/R100": 70.0}],
+    "s-c": [],  # errored before its first evaluation
+    "s-d": [{"step": 4.0, "val/SumR": float("nan")}],
+}
+
+
+def test_trial_rows_take_each_trials_best_eval_sorted() -> None:
+    rows = sweep.trial_rows(HISTORIES, "val/SumR", "max")
+    # reference: best SumR per trial by a plain loop
+    best = {}
+    for label, history in HISTORIES.items():
+        for r in history:
+            if r["val/SumR"] == r["val/SumR"] and (label not in best
+                                                   or r["val/SumR"] > best[label]["val/SumR"]):
+                best[label] = r
+    assert [label for label, _ in rows] == sorted(best, key=lambda k: -best[k]["val/SumR"])
+    assert [label for label, _ in rows] == ["s-b", "s-a"]
+    a = dict(rows)["s-a"]
+    assert (a["SumR"], a["R1"], a["R5"], a["R10"], a["R100"], a["step"]) == (
+        150.0, 10.0, 30.0, 40.0, 70.0, 8.0)
+    worst_first = sweep.trial_rows(HISTORIES, "val/SumR", "min")
+    assert [label for label, _ in worst_first] == ["s-a", "s-b"]
+    assert dict(worst_first)["s-a"]["SumR"] == 100.0
+
+
+def test_markdown_table_and_plot(tmp_path: Path) -> None:
+    rows = sweep.trial_rows(HISTORIES, "val/SumR", "max")
+    text = sweep.markdown_table(rows, {"s-a": {"optim.lr": 0.0003}, "s-b": {"optim.lr": 0.001}})
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| trial | optim.lr | R1 | R5 | R10 | R100 | SumR |")
+    assert lines[2].startswith("| s-b | 0.001 | 12.00 | 33.00 | 45.00 | 70.00 | 160.00 |")
+    assert lines[3].endswith("| 8 |")  # the step of s-a's best evaluation
+    assert len(lines) == 4
+
+    from matplotlib.image import imread
+
+    path = sweep.plot_curves(HISTORIES, "val/SumR", tmp_path / "out" / "sumr.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert imread(path).shape[:2] == (450, 700)
+    assert not list(path.parent.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------------- a real sweep
+
+
+SWEEP_YAML = """
+    model: {video_dim: 128, query_dim: 64, hidden: 32, heads: 4, input_drop: 0.1, drop: 0.1}
+    loss: {hard_pool: 5, kd: "off", targets: hard}
+    data: {val: VAL, batch_videos: 16, steps_per_epoch: 3, loader_workers: 0}
+    train: {epochs: 1, log_every: 3}
+    dist: {num_workers: 1, zero_stage: 0}
+    tracking: {system_metrics: false}
+    run: {name: it, storage: STORAGE}
+    sweep:
+      name: resume-it
+      search_alg: grid
+      trial_cpus: 0.5
+      space:
+        optim.lr: {grid: [1.0e-3, 2.0e-3]}
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from sharding.synthetic import build_world
+
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, videos=48, eval_videos=16, pretrain_pairs=0, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> None:
+    """Both trials fail (their data is missing); the rerun restores the same trials, trains
+    them, and MLflow keeps one parent and one child per trial."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(textwrap.dedent(SWEEP_YAML).replace("STORAGE", str(tmp_path / "runs"))
+                      .replace("VAL", str(world / "val")))
+    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False)
+    try:
+        cfg, spec = sweep.load_sweep(config, [f"data.train={tmp_path / 'missing'}"])
+        with pytest.raises(RuntimeError, match="no trial reported val/SumR"):
+            sweep.run_sweep(cfg, spec)
+        first = sorted(p.name for p in (tmp_path / "runs" / "resume-it").glob("resume-it-*"))
+        assert len(first) == 2
+
+        cfg, spec = sweep.load_sweep(config, [f"data.train={world / 'train'}"])
+        result = sweep.run_sweep(cfg, spec)
+    finally:
+        ray.shutdown()
+    assert result.resumed and not result.errors
+    assert sorted(label for label, _ in result.rows) == first
+    assert all(m["SumR"] > 0 and m["step"] == 3 for _, m in result.rows)
+    assert result.table.is_file() and result.plot.is_file()
+
+    client = MlflowClient(result.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "resume-it"]
+    assert len(parents) == 1 and parents[0].info.run_id == result.parent_run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert sorted(r.info.run_name for r in children) == first
+    assert all(r.data.metrics["val/SumR"] == dict(result.rows)[r.info.run_name]["SumR"]
+               for r in children)
+    assert {a.path for a in client.list_artifacts(result.parent_run_id, "sweep")} == {
+        "sweep/trials.md", "sweep/sumr.png"}

@@ -1,0 +1,365 @@
+"""``dldkd validate``: each misconfiguration is caught by its named check, the presets pass."""
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import cli
+from launch.validate import (FAIL, OK, WARN, activation_elements, estimate_memory,
+                             exact_batches_per_rank, student_param_count, teacher_param_count,
+                             validate_run)
+from sharding.batch import Batch
+from sharding.reader import ShardReader
+from sharding.synthetic import build_world
+from trainer.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    # 10 videos per shard: 4 train shards, 2 each for val and test.
+    build_world(out, videos=40, eval_videos=20, pretrain_pairs=50, progress=False,
+                videos_per_shard=10)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_env_tracking(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def good(world, tmp_path) -> list[str]:
+    """Overrides of configs/tiny.yaml that pass every online check on the synthetic world."""
+    model_config = tmp_path / "val-tiny.json"
+    shutil.copy(ROOT / "configs" / "teacher-tiny.json", model_config)
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"weights")   # presence is checked, not content (too slow for 600 MB)
+    return [f"data.train={world / 'train'}", f"data.val={world / 'val'}",
+            f"data.test={world / 'test'}", "teacher.arch=val-tiny",
+            f"teacher.model_config={model_config}", f"teacher.pretrained={teacher}",
+            f"run.storage={tmp_path / 'runs'}"]
+
+
+def run(overrides: list[str], offline: bool = False, config: Path | None = ROOT / "configs" /
+        "tiny.yaml"):
+    report = validate_run(str(config) if config else None, overrides, offline=offline)
+    return report, {c.name: c for c in report.checks}
+
+
+def test_a_good_config_passes_every_check(good):
+    report, checks = run(good)
+    assert report.ok, report.render()
+    assert not [c for c in report.checks if c.status != OK], report.render()
+    for name in ("data.train", "data.val", "data.test", "readers", "steps", "teacher", "storage",
+                 "tracking"):
+        assert name in checks
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_shipped_presets_pass_offline(preset):
+    report, checks = run([], offline=True, config=preset)
+    assert report.ok, report.render()
+    assert "data.train" not in checks and "storage" not in checks   # config-only
+    assert "OK" in report.render() and "memory per worker" in report.render()
+
+
+@pytest.mark.parametrize("override, key", [("model.hidden=abc", "model.hidden"),
+                                           ("dist.use_gpu=3", "dist.use_gpu"),
+                                           ("data.batch_videos=1.5", "data.batch_videos"),
+                                           ("model.hiden=32", "model.hidden")])
+def test_a_wrong_type_or_key_is_one_failed_check(good, override, key):
+    report, checks = run(good + [override])
+    assert not report.ok
+    assert [c.name for c in report.checks] == ["config"]
+    assert checks["config"].status == FAIL and key in checks["config"].message
+    assert report.render().startswith("FAIL  config")
+
+
+def test_a_broken_yaml_file_is_a_failed_check(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {hidden: [1, 2\n")
+    report, checks = run([], config=bad)
+    assert not report.ok and "not valid YAML" in checks["config"].message
+
+
+def test_batch_of_one_video_fails(good):
+    report, checks = run(good + ["data.batch_videos=1"])
+    assert checks["batch"].status == FAIL and "data.batch_videos=1" in checks["batch"].message
+
+
+def test_batch_arithmetic_is_reported(good):
+    _, checks = run(good + ["data.batch_videos=4", "dist.grad_accum=3", "dist.num_workers=2"])
+    assert checks["batch"].status == OK
+    assert "4 x 3 x 2 = 24" in checks["batch"].message
+
+
+def test_batch_larger_than_the_split_fails(good):
+    report, checks = run(good + ["data.batch_videos=64"])
+    assert not report.ok
+    assert checks["split size"].status == FAIL and "40 videos" in checks["split size"].message
+    _, checks = run(good + ["data.batch_videos=32", "dist.num_workers=2"])
+    assert checks["split size"].status == WARN   # 20 videos per rank < 32
+
+
+def test_exact_reading_with_no_steps_fails(good):
+    report, checks = run(good + ["data.resampled=false"])
+    assert checks["steps"].status == FAIL and "data.steps_per_epoch" in checks["steps"].message
+    report, checks = run(good + ["data.resampled=false"], offline=True)
+    assert checks["steps"].status == FAIL   # needs no data
+
+
+def test_exact_reading_steps_bounded_by_the_smallest_rank(good):
+    # 4 shards of 10 videos, 2 ranks x 1 reader: each rank 2 shards = 20 videos = 2 batches of 16.
+    base = good + ["data.resampled=false", "dist.num_workers=2"]
+    _, checks = run(base + ["data.steps_per_epoch=2"])
+    assert checks["steps"].status == OK, checks["steps"]
+    _, checks = run(base + ["data.steps_per_epoch=3"])
+    assert checks["steps"].status == FAIL and "<= 2" in checks["steps"].message
+
+
+def test_steps_not_divisible_by_grad_accum_warns(good):
+    _, checks = run(good + ["data.steps_per_epoch=5", "dist.grad_accum=2"])
+    assert checks["steps"].status == WARN and "dist.grad_accum=2" in checks["steps"].message
+    _, checks = run(good + ["data.steps_per_epoch=6", "dist.grad_accum=2"])
+    assert checks["steps"].status == OK
+
+
+def test_eval_interval_longer_than_the_run_warns(good):
+    # tiny: 3 epochs; resampled: 40 // 16 = 2 steps per epoch -> 6 steps.
+    _, checks = run(good + ["train.eval_every=7"])
+    assert checks["intervals"].status == WARN and "6 steps" in checks["intervals"].message
+    _, checks = run(good + ["train.ckpt_every=100"])
+    assert checks["intervals"].status == WARN and "train.ckpt_every" in checks["intervals"].message
+    _, checks = run(good + ["train.eval_every=6"])
+    assert checks["intervals"].status == OK
+
+
+def test_fewer_shards_than_readers_in_exact_mode_fails(good):
+    exact = good + ["data.resampled=false", "data.steps_per_epoch=1", "dist.num_workers=2",
+                    "dist.cpus_per_worker=4", "teacher.placement=zero3"]
+    report, checks = run(exact + ["data.loader_workers=3"])   # 2 x 3 = 6 readers, 4 shards
+    assert not report.ok
+    assert checks["readers"].status == FAIL and "2 x 3 = 6" in checks["readers"].message
+    _, checks = run(exact + ["data.loader_workers=2"])
+    assert checks["readers"].status == OK
+    _, checks = run(good + ["dist.num_workers=2", "data.loader_workers=3",
+                            "dist.cpus_per_worker=4"])   # resampled: any shard count works
+    assert checks["readers"].status == OK
+
+
+def test_exact_batches_match_the_reader(world):
+    manifest = json.loads((world / "train" / "manifest.json").read_text())
+    videos = [s["videos"] for s in manifest["shards"]]
+    for world_size, batch in ((2, 3), (1, 7), (4, 16)):
+        want = exact_batches_per_rank(videos, batch, world_size, loader_workers=0)
+        got = [sum(1 for _ in ShardReader(world / "train", rank=r, world_size=world_size,
+                                          batch_videos=batch, loader_workers=0,
+                                          resampled=False).epoch(0))
+               for r in range(world_size)]
+        assert got == want
+
+
+def test_dim_mismatch_between_manifest_and_model_fails(good):
+    report, checks = run(good + ["model.video_dim=256"])
+    assert not report.ok
+    for split in ("data.train", "data.val", "data.test"):
+        assert checks[split].status == FAIL
+        assert "video_dim=128" in checks[split].message and "256" in checks[split].message
+    _, checks = run(good + ["model.query_dim=32"])
+    assert checks["data.train"].status == FAIL and "query_dim" in checks["data.train"].message
+
+
+def test_missing_shards_and_empty_train_fail(good, tmp_path):
+    _, checks = run(good + [f"data.val={tmp_path / 'nothing'}"])
+    assert checks["data.val"].status == FAIL and "manifest" in checks["data.val"].message
+    _, checks = run(good + ["data.train=''"])
+    assert checks["data.train"].status == FAIL
+
+
+def test_precomputed_teacher_needs_embeddings_in_the_shards(good):
+    report, checks = run(good + ["teacher.placement=precomputed"])
+    assert checks["teacher inputs"].status == FAIL and "teacher_dim" in \
+        checks["teacher inputs"].message
+
+
+def test_missing_teacher_checkpoint_fails(good, tmp_path):
+    missing = tmp_path / "gone" / "teacher.pt"
+    report, checks = run(good + [f"teacher.pretrained={missing}"])
+    assert not report.ok
+    assert checks["teacher"].status == FAIL and "not found" in checks["teacher"].message
+    # Offline the file may live on the cluster: a warning, not a failure.
+    report, checks = run(good + [f"teacher.pretrained={missing}"], offline=True)
+    assert report.ok and checks["teacher"].status == WARN
+
+
+@pytest.mark.parametrize("override, words", [("teacher.pretrained=no_such_tag", "tag"),
+                                             ("teacher.model_config=/nope/val-tiny.json",
+                                              "does not exist")])
+def test_bad_teacher_settings_fail(good, override, words):
+    _, checks = run(good + [override])
+    assert checks["teacher"].status == FAIL and words in checks["teacher"].message
+
+
+def test_teacher_model_config_that_does_not_parse_fails(good, tmp_path):
+    broken = tmp_path / "val-tiny.json"
+    broken.write_text("{not json")
+    _, checks = run(good + [f"teacher.model_config={broken}"])
+    assert checks["teacher"].status == FAIL and "not valid JSON" in checks["teacher"].message
+
+
+def test_open_clip_tag_and_hub_name_warn_about_download(good):
+    _, checks = run(good + ["teacher.arch=ViT-B-32", "teacher.model_config=''",
+                            "teacher.pretrained=openai"])
+    assert checks["teacher"].status in (WARN, OK)   # OK only where the weights are cached
+    _, checks = run(good + ["teacher.pretrained=hf-hub:nobody/no-such-model"])
+    assert checks["teacher"].status == WARN and "downloaded" in checks["teacher"].message
+
+
+def test_storage_that_cannot_be_created_fails(good, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    report, checks = run(good + [f"run.storage={blocker / 'runs'}"])
+    assert not report.ok and checks["storage"].status == FAIL
+    assert list(tmp_path.glob(".dldkd-validate-*")) == []   # the probe is cleaned up
+
+
+def test_s3_storage_without_s3fs_names_the_extra(good, monkeypatch):
+    monkeypatch.setitem(sys.modules, "s3fs", None)   # import fails as if not installed
+    _, checks = run(good + ["run.storage=s3://bucket/runs", "tracking.uri=sqlite:///mlflow.db"])
+    assert checks["storage"].status == FAIL and "dldkd[s3]" in checks["storage"].message
+
+
+def test_remote_storage_needs_a_tracking_uri(good, monkeypatch):
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    _, checks = run(good + ["run.storage=s3://bucket/runs"])
+    assert checks["tracking"].status == FAIL and "tracking.uri" in checks["tracking"].message
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        code = 200 if self.path == "/health" else 404
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_tracking_server_health(good):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        _, checks = run(good + [f"tracking.uri=http://127.0.0.1:{server.server_port}"])
+        assert checks["tracking"].status == OK, checks["tracking"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, checks = run(good + [f"tracking.uri=http://127.0.0.1:{port}"])
+    assert checks["tracking"].status == FAIL and "/health" in checks["tracking"].message
+
+
+def test_sqlite_tracking_uri_in_a_writable_folder(good, tmp_path):
+    _, checks = run(good + [f"tracking.uri=sqlite:///{tmp_path / 'db' / 'mlflow.db'}"])
+    assert checks["tracking"].status == OK
+
+
+def test_gpu_requested_without_cuda_only_warns(good):
+    report, checks = run(good + ["dist.use_gpu=true"])
+    expected = OK if torch.cuda.is_available() else WARN
+    assert checks["gpu"].status == expected and report.ok
+
+
+def test_cli_returns_0_or_1(good, capsys):
+    assert cli.main(["validate", "--config", str(ROOT / "configs" / "tiny.yaml"), *good]) == 0
+    assert "memory per worker" in capsys.readouterr().out
+    assert cli.main(["validate", "--config", str(ROOT / "configs" / "tiny.yaml"), *good,
+                     "model.video_dim=256"]) == 1
+    assert "FAIL  data.train" in capsys.readouterr().out
+
+
+# -- memory estimate -------------------------------------------------------------------------------
+def test_student_parameter_count_of_the_tvr_preset():
+    cfg = load_config(ROOT / "configs" / "tvr.yaml")
+    assert student_param_count(cfg) == 5_755_392
+    assert estimate_memory(cfg, teacher_params=0).student_params == 5_755_392
+
+
+def test_teacher_parameter_count_matches_a_built_model(good):
+    import trainer.compat  # noqa: F401
+    import open_clip
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", good)
+    open_clip.add_model_config(cfg.teacher.model_config)
+    built = open_clip.create_model(cfg.teacher.arch, pretrained=None, load_weights=False)
+    assert teacher_param_count(cfg) == sum(p.numel() for p in built.parameters())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero_stages_divide_model_states(stage, precision):
+    n, p, t = 4, 1000, 500
+    cfg = load_config(None, {"dist.num_workers": n, "dist.zero_stage": stage,
+                             "dist.precision": precision, "teacher.placement": "zero3",
+                             "dist.use_gpu": True})
+    est = estimate_memory(cfg, teacher_params=t)
+    p = est.student_params
+    rows = {r.item: r.bytes for r in est.rows}
+    param_b, grad_b, opt_b = (2, 2, 4 + 4 + 4) if precision == "bf16" else (4, 4, 4 + 4)
+    assert rows["student params"] == p * param_b / (n if stage == 3 else 1)
+    assert rows["gradients"] == p * grad_b / (n if stage >= 2 else 1)
+    assert rows["optimizer state"] == p * opt_b / (n if stage >= 1 else 1)
+    assert rows["teacher params"] == t * 2 / n
+    assert est.total == pytest.approx(sum(rows.values()))
+
+
+def _saved_activation_bytes(cfg, B: int) -> int:
+    """Bytes autograd saves for one student forward + loss (parameters and inputs excluded)."""
+    from trainer.losses import TeacherTargets, total_loss
+    from trainer.student import DualStudent
+
+    m = cfg.model
+    torch.manual_seed(0)
+    student = DualStudent(m).train()
+    Q, L, W = 5 * B, m.max_frames, m.max_words
+    batch = Batch(video_feats=torch.randn(B, L, m.video_dim), video_mask=torch.ones(B, L),
+                  query_feats=torch.randn(Q, W, m.query_dim), query_mask=torch.ones(Q, W),
+                  labels=torch.arange(B).repeat_interleave(5), video_ids=[], cap_ids=[],
+                  captions=[], teacher_index=torch.zeros(B, L, dtype=torch.long))
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    teacher = TeacherTargets(tau=torch.rand(Q, B, L), T=torch.rand(Q, B))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total_loss(student(batch), batch.labels, teacher, cfg.loss, epoch=0)
+    skip = {t.untyped_storage().data_ptr() for t in (*student.parameters(), batch.video_feats,
+                                                       batch.query_feats)}
+    return sum(n for ptr, n in storages.items() if ptr not in skip)
+
+
+@pytest.mark.parametrize("branches", ["dual", "inheritance"])
+def test_activation_estimate_is_close_to_what_autograd_saves(branches):
+    cfg = load_config(None, {"model.video_dim": 200, "model.query_dim": 80, "model.hidden": 48,
+                             "model.heads": 2, "model.max_frames": 40, "model.max_words": 10,
+                             "model.branches": branches, "data.batch_videos": 12})
+    measured = _saved_activation_bytes(cfg, B=12)
+    assert activation_elements(cfg) * 4 == pytest.approx(measured, rel=0.1)

@@ -1,0 +1,118 @@
+"""What a checkpoint holds besides the engine: the loop's position, RNG states, best-so-far.
+
+Checkpoints are folders ``<ckpt_root>/step-00000100/`` holding the engine's files under the tag
+``state`` plus ``client.json`` (human-readable position); a folder is complete once it is renamed
+from its ``.tmp`` name, and ``latest`` names the newest complete one. RNG states are stored as
+tensors and lists only, so ``torch.load(weights_only=True)`` can read every file we write.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ENGINE_TAG = "state"
+
+
+@dataclass
+class TrainState:
+    """The loop's position and early-stopping bookkeeping (saved as client state)."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_sumr: float = -1.0
+    best_step: int = -1
+    bad_evals: int = 0
+    stopped_early: bool = False
+    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": _to_lists(random.getstate()),
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_to_tuples(state["python"]))
+    generator.set_state(state["generator"])
+
+
+def save_rank_rng(folder: Path, rank: int, state: dict) -> None:
+    """Each rank's RNG streams (DeepSpeed keeps only rank 0's client state)."""
+    tmp = folder / f"rng-rank{rank}.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(folder / f"rng-rank{rank}.pt")
+
+
+def load_rank_rng(folder: Path, rank: int) -> dict:
+    path = Path(folder) / f"rng-rank{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: checkpoint {folder} is incomplete or was "
+                                "written by fewer workers; resume on the original worker count")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (``latest`` pointer, else a scan)."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "client.json").is_file():
+            return candidate
+    done = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp")
+                  and (p / "client.json").is_file())
+    return done[-1] if done else None
+
+
+def publish(tmp_dir: Path, final_dir: Path, keep: int = 2) -> None:
+    """Make a fully written checkpoint visible (rename), point ``latest`` at it, prune old ones."""
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    tmp_dir.rename(final_dir)
+    pointer_tmp = final_dir.parent / "latest.tmp"
+    pointer_tmp.write_text(final_dir.name)
+    pointer_tmp.replace(final_dir.parent / "latest")
+    done = sorted(p for p in final_dir.parent.glob("step-*") if not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_client_json(folder: Path, state: TrainState, schedule: dict) -> None:
+    payload = {"state": state.to_dict(), "schedule": schedule}
+    tmp = folder / "client.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(folder / "client.json")

@@ -1,0 +1,99 @@
+"""The process group of one training run, with or without Ray.
+
+Under Ray Train the gloo/nccl group already exists and RANK/LOCAL_RANK/WORLD_SIZE are set by Ray;
+under ``torchrun``/``deepspeed`` the same variables come from the launcher; alone, the run is a
+world of one. DeepSpeed's ``init_distributed`` reuses an existing group.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    node_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(use_gpu: bool, timeout_s: int = 1800, device: torch.device | None = None) -> DistInfo:
+    """Join (or create) the process group and pick this rank's device.
+
+    ``device`` is the one Ray assigned (``ray.train.torch.get_device()``); without Ray it is
+    ``cuda:LOCAL_RANK`` on GPU and ``cpu`` otherwise.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))
+    if device is None:
+        device = torch.device(f"cuda:{local_rank}") if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    if not use_gpu:
+        _skip_shm_comm_build()
+    if not torch_dist.is_initialized():
+        if world == 1:  # alone: a group of one on loopback, as DeepSpeed's engine needs a group
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local_rank, node_rank, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _skip_shm_comm_build() -> None:
+    """Use plain gloo on CPU instead of JIT-compiling DeepSpeed's shared-memory comm op.
+
+    The op takes 40-60 s to compile on every fresh machine and only speeds up CPU all-reduce,
+    which the student's few million parameters do not need.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def barrier() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj

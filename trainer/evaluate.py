@@ -1,0 +1,51 @@
+"""Evaluate a saved student (a run's ``best/`` folder) on a split, and print metric tables."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.config import load_config
+from trainer.metrics import build_gallery, evaluate
+from trainer.student import DualStudent
+
+COLUMNS = ("R1", "R5", "R10", "R100", "SumR", "MedR", "MeanR", "MRR")
+
+
+def load_student(folder: str | Path) -> tuple[DualStudent, object]:
+    """The student and config saved in ``folder`` (``student.pt`` + ``config.yaml``)."""
+    folder = Path(folder)
+    weights, config = folder / "student.pt", folder / "config.yaml"
+    for path in (weights, config):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: pass a run's best/ folder "
+                                    "(<run.storage>/<run.name>/best)")
+    cfg = load_config(config)
+    student = DualStudent(cfg.model)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not fit model {cfg.model}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return student.eval(), cfg
+
+
+def evaluate_checkpoint(folder: str | Path, split: str) -> dict:
+    from sharding.reader import read_all
+
+    student, cfg = load_student(folder)
+    gallery = build_gallery(read_all(split), cfg.model.max_words)
+    metrics = evaluate(student, gallery)
+    return {"checkpoint": str(folder), "split": split, "videos": gallery.num_videos,
+            "queries": gallery.num_queries, "metrics": metrics}
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A fixed-width table, one row per name, the SPEC 1 metrics as columns."""
+    width = max([len(n) for n in rows] + [8])
+    head = f"{'':<{width}} " + " ".join(f"{c:>7}" for c in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, m in rows.items():
+        cells = " ".join(f"{m[c]:>7.2f}" if c in m else f"{'-':>7}" for c in COLUMNS)
+        lines.append(f"{name:<{width}} {cells}")
+    return "\n".join(lines)

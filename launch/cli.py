@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "the synthetic world's pretraining split.")
     pre.add_argument("--shards", required=True, help="image-text shard folder (pretrain/)")
     pre.add_argument("--model-config", default="configs/teacher-tiny.json")
-    pre.add_argument("--arch", default="dldkd-tiny")
+    pre.add_argument("--arch", default="teacher-tiny")
     pre.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
     pre.add_argument("--steps", type=int, default=300)
     pre.add_argument("--batch", type=int, default=128)

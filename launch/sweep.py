@@ -101,7 +101,7 @@ def parse_sweep(raw: dict | None, cfg: Config) -> SweepSpec:
     raw.setdefault("name", cfg.run.name)
     spec = SweepSpec(scheduler=SchedulerSpec(**sched_raw), **raw)
     _check_fields(spec, cfg)
-    build_space(spec.space, cfg)
+    tune_space(spec, cfg)
     return spec
 
 
@@ -197,6 +197,18 @@ def build_space(space: dict[str, Any], cfg: Config) -> dict[str, Any]:
                     from None
         out[key] = _domain(kind, args)
     return out
+
+
+def tune_space(spec: SweepSpec, cfg: Config) -> dict[str, Any]:
+    """The Tune ``param_space``; with ``search_alg: grid``, every choice becomes a grid axis."""
+    space = build_space(spec.space, cfg)
+    if spec.search_alg != "grid":
+        return space
+    continuous = [k for k, v in spec.space.items() if next(iter(v)) not in ("grid", "choice")]
+    if continuous:
+        raise ConfigError(f"sweep.search_alg=grid needs grid or choice domains; {continuous} "
+                          "are continuous (use search_alg: random)")
+    return {k: _domain("grid", next(iter(v.values()))) for k, v in spec.space.items()}
 
 
 def _domain(kind: str, args: list):
@@ -469,13 +481,7 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
 
     from launch.train import storage_path
 
-    space = build_space(spec.space, cfg)
-    if spec.search_alg == "grid":
-        bad = [k for k, v in spec.space.items() if next(iter(v)) not in ("grid", "choice")]
-        if bad:
-            raise ConfigError(f"sweep.search_alg=grid needs grid or choice domains; {bad} are "
-                              "continuous (use search_alg: random)")
-        space = {k: tune.grid_search(next(iter(v.values()))) for k, v in spec.space.items()}
+    space = tune_space(spec, cfg)
     path = experiment_path(cfg, spec)
     uri = tracking_uri(cfg, spec)
     tracker = _parent_tracker(cfg, spec, uri)

@@ -153,7 +153,7 @@ def estimate_memory(cfg: Config, queries_per_video: float = DEFAULT_QUERIES_PER_
                   + f" = {opt_b} B x {p:,}, {shard(1)}"),
     ]
     if teacher_params is None:
-        rows.append(MemoryRow("teacher params", 0, "unknown (hf-hub config is read at run time)"))
+        rows.append(MemoryRow("teacher params", 0, "unknown offline (see the teacher check)"))
     elif teacher_params:
         t_b = 2 if cfg.dist.use_gpu else 4   # the teacher runs in bf16 on GPUs, fp32 on CPUs
         zero3 = cfg.teacher.placement == "zero3"
@@ -262,7 +262,8 @@ def check_steps(cfg: Config, train: Manifest | None) -> Check:
         return Check("steps", FAIL, "data.resampled=false (exact reading) with "
                      "data.steps_per_epoch=0 trains zero steps: set data.steps_per_epoch to the "
                      "batches of the smallest rank, or use data.resampled=true")
-    msg = f"{steps} steps/epoch x train.epochs={cfg.train.epochs} = {steps * cfg.train.epochs} steps"
+    total = steps * cfg.train.epochs
+    msg = f"{steps} steps/epoch x train.epochs={cfg.train.epochs} = {total} steps"
     if not cfg.data.resampled and train is not None:
         per_rank = exact_batches_per_rank([s.videos for s in train.shards], cfg.data.batch_videos,
                                           cfg.dist.num_workers, cfg.data.loader_workers)

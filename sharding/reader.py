@@ -304,9 +304,12 @@ class ShardReader:
         if start_step < 0 or (start_step and start_step >= self.plan.steps):
             raise ValueError(f"start_step {start_step} is outside 0..{self.plan.steps - 1}")
         self.plan.epoch, self.plan.start_step = epoch, start_step
+        # An own generator: a DataLoader otherwise draws its base seed from the global torch RNG,
+        # which would shift the training step's dropout masks after an exact resume.
         loader = torch.utils.data.DataLoader(
             _EpochDataset(self.plan), batch_size=None, num_workers=self.loader_workers,
-            collate_fn=_identity, persistent_workers=False)
+            collate_fn=_identity, persistent_workers=False,
+            generator=torch.Generator().manual_seed(_seed(self.plan.seed, epoch, self.plan.rank)))
         per_worker: dict[int, dict] = {}
         self.epoch_stats = ReadStats()
         for item in loader:

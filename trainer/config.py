@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import os
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -267,6 +268,10 @@ def validate(cfg: Config) -> None:
                           f"the teacher (got {cfg.dist.num_workers}); use 'replicated'")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
+    if "://" in cfg.run.storage and not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ConfigError(f"run.storage={cfg.run.storage!r} is remote, so the default MLflow store "
+                          "(a SQLite file in the run folder) has nowhere to live: set tracking.uri "
+                          "(e.g. http://mlflow:5000) or $MLFLOW_TRACKING_URI")
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
 

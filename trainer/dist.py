@@ -85,6 +85,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_ints(value: int, world_size: int) -> list[int]:
+    """Every rank's ``value`` in rank order (e.g. which node each rank runs on)."""
+    rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
+    out = torch.zeros(world_size, dtype=torch.int64)
+    out[rank] = value
+    return all_reduce_sum(out).tolist()
+
+
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)

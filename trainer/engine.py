@@ -45,7 +45,9 @@ def ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
 def build_engine(cfg: Config, model: nn.Module, total_steps: int, world_size: int,
                  use_deepspeed: bool = True):
     optimizer = build_optimizer(model, cfg.optim, per_tensor_clip=per_tensor_clip(cfg))
-    scheduler = build_scheduler(optimizer, total_steps, cfg.optim.warmup)
+    # The schedule advances once per optimizer step, i.e. per grad_accum micro-steps.
+    scheduler = build_scheduler(optimizer, max(total_steps // cfg.dist.grad_accum, 1),
+                                cfg.optim.warmup)
     if not use_deepspeed:
         return PlainEngine(model, optimizer, scheduler, cfg.dist.grad_accum)
     import deepspeed

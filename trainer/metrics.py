@@ -70,7 +70,7 @@ def rank_metrics(ranks: Tensor | np.ndarray | Sequence[int]) -> dict[str, float]
         raise ValueError("no ranks to summarise: the gallery has no queries")
     if not torch.isfinite(r).all() or (r < 1).any():
         raise ValueError(f"ranks must be finite and >= 1, got min {r.min().item()}")
-    out = {f"R{k}": 100.0 * (r <= k).double().mean().item() for k in RECALL_AT}
+    out = {f"R{k}": 100.0 * int((r <= k).sum()) / r.numel() for k in RECALL_AT}
     out["SumR"] = sum(out[f"R{k}"] for k in RECALL_AT)
     out["MedR"] = float(np.median(r.numpy()))
     out["MeanR"] = r.mean().item()

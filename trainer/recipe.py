@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
@@ -63,6 +64,10 @@ class LocalReporter:
 
 
 def run_dir(cfg: Config) -> Path:
+    """The run's local folder (config, best weights, MLflow spool); a temp folder when
+    ``run.storage`` is a URI (checkpoints then go to the URI through Ray, best weights to MLflow)."""
+    if "://" in cfg.run.storage:
+        return Path(tempfile.gettempdir()) / "dldkd" / cfg.run.name
     return Path(cfg.run.storage) / cfg.run.name
 
 
@@ -116,10 +121,12 @@ class Recipe:
             system_metrics=cfg.tracking.system_metrics)
         self.state = ckpt.TrainState()
         self._restore()
+        node_ranks = dist.gather_ints(self.dist.node_rank, self.dist.world_size)
         if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.dir / "config.yaml")
-            self.tracker.start(cfg.flat(), {"dldkd.world_size": str(self.dist.world_size)})
+            self.tracker.start(cfg.flat(), {"dldkd.world_size": str(self.dist.world_size),
+                                            "dldkd.node_ranks": json.dumps(node_ranks)})
             self.tracker.log_artifact(self.dir / "config.yaml")
 
     def _load_gallery(self, source: str) -> EvalGallery:
@@ -276,8 +283,9 @@ class Recipe:
             summary = {"best_SumR": st.best_sumr, "best_step": st.best_step,
                        "steps": st.step, "stopped_early": float(st.stopped_early)}
             self.tracker.log_metrics(summary, st.step)
-            if (self.dir / "best" / "metrics.json").exists():
-                self.tracker.log_artifact(self.dir / "best" / "metrics.json", "best")
+            for name in ("metrics.json", "config.yaml", "student.pt"):
+                if (self.dir / "best" / name).exists():
+                    self.tracker.log_artifact(self.dir / "best" / name, "best")
             self.tracker.set_tags({"dldkd.best_checkpoint": str((self.dir / "best").resolve())})
             self.tracker.finish(status)
 

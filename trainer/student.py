@@ -49,7 +49,8 @@ class _InputLayer(nn.Module):
         rows = F.relu(self.proj(self.drop(self.in_norm(x.rows))))
         n, length = x.shape
         h = rows.new_zeros(n * length, rows.shape[1]).index_copy(0, x.index, rows)
-        h = h.view(n, length, -1) + self.pos.weight[:length]
+        # Call the embedding (not .weight): ZeRO-3 gathers a module's parameters in its forward.
+        h = h.view(n, length, -1) + self.pos(torch.arange(length, device=rows.device))
         return self.drop(self.pos_norm(h))
 
 

@@ -52,7 +52,8 @@ def test_each_domain_becomes_the_tune_domain_it_names() -> None:
 
 
 @pytest.mark.parametrize("space, message", [
-    ({"optim.learning_rate": {"uniform": [0.1, 0.2]}}, "did you mean 'optim.lr'"),
+    ({"optim.lrr": {"uniform": [0.1, 0.2]}},
+     "'optim.lrr' is not a config key; did you mean 'optim.lr'"),
     ({"optim.lr": {"gaussian": [0.1, 0.2]}}, "unknown domain 'gaussian'"),
     ({"optim.lr": {"uniform": [0.1]}}, "needs a list of 2 numbers"),
     ({"optim.lr": {"loguniform": [0.0, 1e-3]}}, "loguniform needs low > 0"),
@@ -81,11 +82,20 @@ def test_bad_space_names_the_key(space: dict, message: str) -> None:
     ({"scheduler": {"type": "asha", "max_t": 4, "grace_period": 8}}, "exceeds max_t=4"),
     ({"scheduler": {"kind": "asha"}}, "unknown sweep.scheduler key(s) ['kind']"),
     ({"trial_cpus": 0}, "sweep.trial_cpus=0"),
+    ({"search_alg": "grid", "space": {"optim.lr": {"uniform": [1e-4, 1e-3]}}},
+     "['optim.lr'] are continuous"),
 ])
 def test_bad_sweep_section_is_named(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         sweep.parse_sweep(raw, tiny())
     assert message in str(err.value)
+
+
+def test_grid_search_alg_turns_choices_into_grid_axes() -> None:
+    spec = sweep.parse_sweep({"search_alg": "grid", "space": {
+        "loss.targets": {"choice": ["soft", "hard"]}, "train.seed": {"grid": [1, 2]}}}, tiny())
+    assert sweep.tune_space(spec, tiny()) == {"loss.targets": {"grid_search": ["soft", "hard"]},
+                                              "train.seed": {"grid_search": [1, 2]}}
 
 
 def test_asha_max_t_defaults_to_the_run_length_in_steps() -> None:
@@ -235,7 +245,7 @@ SWEEP_YAML = """
       search_alg: grid
       trial_cpus: 0.5
       space:
-        optim.lr: {grid: [1.0e-3, 2.0e-3]}
+        optim.lr: {grid: [1.0e-3]}
 """
 
 
@@ -250,8 +260,9 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> None:
-    """Both trials fail (their data is missing); the rerun restores the same trials, trains
-    them, and MLflow keeps one parent and one child per trial."""
+    """The trial fails (its data is missing); the rerun restores the same trial, trains it, and
+    MLflow keeps one parent and one child per trial. (One trial keeps CI time down; the e2e
+    test runs two.)"""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -259,13 +270,13 @@ def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> Non
     config = tmp_path / "sweep.yaml"
     config.write_text(textwrap.dedent(SWEEP_YAML).replace("STORAGE", str(tmp_path / "runs"))
                       .replace("VAL", str(world / "val")))
-    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         cfg, spec = sweep.load_sweep(config, [f"data.train={tmp_path / 'missing'}"])
         with pytest.raises(RuntimeError, match="no trial reported val/SumR"):
             sweep.run_sweep(cfg, spec)
         first = sorted(p.name for p in (tmp_path / "runs" / "resume-it").glob("resume-it-*"))
-        assert len(first) == 2
+        assert len(first) == 1
 
         cfg, spec = sweep.load_sweep(config, [f"data.train={world / 'train'}"])
         result = sweep.run_sweep(cfg, spec)

@@ -49,7 +49,13 @@ def good(world, tmp_path) -> list[str]:
     return [f"data.train={world / 'train'}", f"data.val={world / 'val'}",
             f"data.test={world / 'test'}", "teacher.arch=val-tiny",
             f"teacher.model_config={model_config}", f"teacher.pretrained={teacher}",
-            f"run.storage={tmp_path / 'runs'}"]
+            f"run.storage={tmp_path / 'runs'}",
+            # pinned here so the tests do not follow edits of the preset
+            "data.batch_videos=16", "data.loader_workers=0", "data.resampled=true",
+            "data.steps_per_epoch=0", "loss.hard_pool=5", "train.epochs=3",
+            "train.eval_every=0", "train.ckpt_every=0", "dist.num_workers=1",
+            "dist.cpus_per_worker=1", "dist.grad_accum=1", "dist.use_gpu=false",
+            "teacher.placement=replicated", "tracking.uri=''"]
 
 
 def run(overrides: list[str], offline: bool = False, config: Path | None = ROOT / "configs" /
@@ -100,9 +106,11 @@ def test_batch_of_one_video_fails(good):
 
 
 def test_batch_arithmetic_is_reported(good):
-    _, checks = run(good + ["data.batch_videos=4", "dist.grad_accum=3", "dist.num_workers=2"])
+    _, checks = run(good + ["data.batch_videos=8", "dist.grad_accum=3", "dist.num_workers=2"])
     assert checks["batch"].status == OK
-    assert "4 x 3 x 2 = 24" in checks["batch"].message
+    assert "8 x 3 x 2 = 48" in checks["batch"].message
+    _, checks = run(good + ["data.batch_videos=4"])   # loss.hard_pool=5 > 3 negatives
+    assert checks["batch"].status == WARN and "loss.hard_pool=5" in checks["batch"].message
 
 
 def test_batch_larger_than_the_split_fails(good):

@@ -1,0 +1,73 @@
+"""Exact resume: a run interrupted at step k and resumed equals a run never interrupted."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import tiny_overrides
+from trainer.checkpoint import latest
+from trainer.config import load_config
+from trainer.recipe import Recipe
+
+pytestmark = pytest.mark.slow
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _run(cfg, stop_at: int | None = None) -> dict[int, float]:
+    """Train; record the loss of every step; raise out of the loop before step ``stop_at``."""
+    recipe = Recipe(cfg)
+    recipe.setup()
+    losses: dict[int, float] = {}
+    inner = recipe.train_step
+
+    def step(batch, epoch, timer):
+        if stop_at is not None and recipe.state.step + 1 == stop_at:
+            raise _Interrupt
+        terms = inner(batch, epoch, timer)
+        losses[recipe.state.step + 1] = terms["loss"]
+        return terms
+
+    recipe.train_step = step
+    try:
+        recipe.train()
+        recipe.cleanup()
+    except _Interrupt:
+        recipe.cleanup("KILLED")
+    return losses
+
+
+@pytest.mark.parametrize("variant", [
+    ["loss.kd=off", "loss.targets=hard"],                        # DL-DKD without a teacher
+    ["loss.targets=soft", "loss.kd=dynamic", "teacher.cache=false"],  # DL-DKD++ (online teacher)
+], ids=["hard", "dldkdpp"])
+def test_resume_equals_uninterrupted(world, tmp_path, variant):
+    over = tiny_overrides(world, tmp_path, train__ckpt_every=2) if False else tiny_overrides(
+        world, tmp_path, **{"train.ckpt_every": 2, "train.deterministic": True}) + variant
+    full = _run(load_config("configs/tiny.yaml", over + ["run.name=full"]))
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+
+    first = _run(load_config("configs/tiny.yaml", over + ["run.name=cut"]), stop_at=6)
+    assert sorted(first) == [1, 2, 3, 4, 5]
+    assert latest(tmp_path / "cut" / "checkpoints").name == "step-00000004"
+    resumed = _run(load_config("configs/tiny.yaml", over + ["run.name=cut"]))
+    assert sorted(resumed) == [5, 6], "the resumed run must start after the checkpoint (step 4)"
+    for step in (5, 6):
+        assert resumed[step] == full[step], f"step {step}: {resumed[step]} != {full[step]}"
+    for step in (1, 2, 3, 4):
+        assert first[step] == full[step]
+
+
+def test_resume_refuses_other_worker_count(world, tmp_path):
+    over = tiny_overrides(world, tmp_path, **{"train.epochs": 1}) + [
+        "loss.kd=off", "loss.targets=hard", "run.name=w"]
+    _run(load_config("configs/tiny.yaml", over))
+    folder = latest(tmp_path / "w" / "checkpoints")
+    client = folder / "client.json"
+    assert client.is_file()
+    # A checkpoint whose per-rank RNG file is missing reads as written by another worker count.
+    (folder / "rng-rank0.pt").rename(folder / "rng-rank1.pt")
+    recipe = Recipe(load_config("configs/tiny.yaml", over))
+    with pytest.raises(FileNotFoundError, match="worker count"):
+        recipe.setup()

@@ -187,7 +187,8 @@ def main() -> None:
         "baseline_metrics": {k: round(v, 4) for k, v in base_m.items()},
         "queries": a.queries, "videos": a.videos, "max_frames": MAX_FRAMES, "dim": DIM,
         "runs": a.runs, "device": dev, "threads": torch.get_num_threads(),
-        "ours_runs_s": [round(x, 3) for x in ours_t], "floor_runs_s": [round(x, 3) for x in floor_t],
+        "ours_runs_s": [round(x, 3) for x in ours_t],
+        "floor_runs_s": [round(x, 3) for x in floor_t],
     }))
 
 

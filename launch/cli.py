@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", default=None, help="dashboard address, e.g. "
                         "http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
     submit.add_argument("--no-wait", action="store_true", help="return after submitting")
-    submit.add_argument("entry", choices=["train", "sweep"])
-    _add_config(submit)
+    entries = submit.add_subparsers(dest="entry", required=True, metavar="ENTRY")
+    _add_config(entries.add_parser("train", help="python -m launch.train on the cluster"))
+    _add_config(entries.add_parser("sweep", help="python -m launch.sweep on the cluster"))
 
     teacher = sub.add_parser("teacher", help="pretrain or evaluate the CLIP teacher alone")
     t_sub = teacher.add_subparsers(dest="action", required=True, metavar="ACTION")

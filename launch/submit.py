@@ -28,7 +28,7 @@ _ZIP_ENTRY, _ZIP_END = 30 + 46, 22
 
 
 def upload_limit() -> int:
-    """Ray's limit on a working_dir package (GCS_STORAGE_MAX_SIZE, from RAY_max_grpc_message_size)."""
+    """Ray's limit on a working_dir package: GCS_STORAGE_MAX_SIZE (RAY_max_grpc_message_size)."""
     from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
 
     return int(GCS_STORAGE_MAX_SIZE)

@@ -1,6 +1,6 @@
 """A hyperparameter sweep: a Ray Tune experiment whose trials are Ray Train runs.
 
-``python -m launch.sweep --config configs/sweep-demo.yaml [key.sub=value ...] [sweep.key=value ...]``
+``python -m launch.sweep --config configs/sweep-demo.yaml [key.sub=value ...] [sweep.k=v ...]``
 
 The YAML holds a run config plus a ``sweep:`` section (docs/sweeps.md)::
 
@@ -284,11 +284,8 @@ def tracking_uri(cfg: Config, spec: SweepSpec) -> str:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    # Config validation refuses a remote run.storage without a tracking URI, so this is local.
     root = experiment_path(cfg, spec)
-    if "://" in root:
-        raise ConfigError(f"run.storage={cfg.run.storage!r} is remote, so the default SQLite "
-                          "MLflow store cannot live there: set tracking.uri=http://HOST:5000 or "
-                          "$MLFLOW_TRACKING_URI")
     Path(root).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(root, 'mlflow.db')}"
 

@@ -56,6 +56,11 @@ def _worker(loop_config: dict) -> None:
     from trainer.run import train
 
     setup_logging()
+    # Relative paths in the config (shards, teacher config) mean the launch folder: the same
+    # folder on a local cluster; under `ray job submit` Ray already starts us in the uploaded
+    # working_dir, which has another path on other nodes.
+    if Path(loop_config["cwd"]).is_dir():
+        os.chdir(loop_config["cwd"])
     ctx = ray.train.get_context()
     os.environ["NODE_RANK"] = str(ctx.get_node_rank())
     cfg = from_dict(loop_config["config"])
@@ -78,7 +83,7 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
         resources["GPU"] = 1
     return TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "cwd": os.getcwd()},
         torch_config=TorchConfig(backend="nccl" if cfg.dist.use_gpu else "gloo",
                                  timeout_s=cfg.dist.timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,

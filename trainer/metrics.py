@@ -41,7 +41,7 @@ def ranks_from_scores(scores: Tensor, gt: Tensor) -> Tensor:
         raise ValueError(f"scores must be (queries, videos), got shape {tuple(scores.shape)}")
     nq, nv = scores.shape
     if nq == 0 or nv == 0:
-        raise ValueError(f"empty score matrix of shape {(nq, nv)}: need at least one query and video")
+        raise ValueError(f"empty score matrix of shape {(nq, nv)}: need a query and a video")
     if gt.dim() != 1 or gt.shape[0] != nq:
         raise ValueError(f"gt must be ({nq},) to match scores {(nq, nv)}, got {tuple(gt.shape)}")
     if gt.dtype not in (torch.int64, torch.int32):
@@ -250,7 +250,7 @@ def encoded_from_embeddings(queries: Mapping[str, Tensor], videos: Mapping[str, 
                             video_mask: Tensor, gt: Tensor, weights: Mapping[str, float],
                             video_chunk: int = 32, device: str | torch.device = "cpu"
                             ) -> EncodedGallery:
-    """Build an EncodedGallery from embeddings already computed: (Nq, d) and (Nv, L, d) per branch."""
+    """An EncodedGallery from ready embeddings: (Nq, d) and (Nv, L, d) per branch."""
     if set(queries) != set(weights) or set(videos) != set(weights):
         raise ValueError(f"branches differ: queries {sorted(queries)}, videos {sorted(videos)}, "
                          f"weights {sorted(weights)}")
@@ -294,8 +294,8 @@ def encode_gallery(student: nn.Module, gallery: EvalGallery, query_chunk: int = 
         for start in range(0, gallery.num_queries, query_chunk):
             sl = slice(start, start + query_chunk)
             feats = gallery.query_feats[sl].to(device, torch.float32)
-            out = student.encode_queries(_pad_rows(feats),
-                                         _pad_rows(gallery.query_mask[sl].to(device, torch.float32)))
+            qmask = gallery.query_mask[sl].to(device, torch.float32)
+            out = student.encode_queries(_pad_rows(feats), _pad_rows(qmask))
             _check_branches(out, weights, "encode_queries")
             for b in weights:
                 parts[b].append(out[b][:len(feats)])
@@ -395,7 +395,8 @@ def _unit_queries(q: Tensor, branch: str) -> Tensor:
 def _check_branches(out: Mapping[str, Tensor], weights: Mapping[str, float], call: str) -> None:
     missing = set(weights) - set(out)
     if missing:
-        raise ValueError(f"student.{call} returned branches {sorted(out)}, missing {sorted(missing)}")
+        raise ValueError(f"student.{call} returned branches {sorted(out)}, "
+                         f"missing {sorted(missing)}")
 
 
 def _check_student_dims(student: nn.Module, gallery: EvalGallery) -> None:

@@ -82,6 +82,7 @@ class Recipe:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        self.started = time.perf_counter()
         self.dist = dist.init(cfg.dist.use_gpu, cfg.dist.timeout_s, self.device_hint)
         self.device = self.dist.device
         self.dtype = torch.bfloat16 if cfg.dist.precision == "bf16" else torch.float32
@@ -276,12 +277,31 @@ class Recipe:
                 (best / "metrics.json").write_text(
                     json.dumps({"step": self.state.step, **metrics}, indent=1))
 
+    def test(self) -> dict[str, float]:
+        """The best weights on the test split, once, on rank 0; logged as ``test/*``."""
+        best = self.dir / "best"
+        if not (self.cfg.data.test and self.dist.is_main and (best / "student.pt").is_file()):
+            return {}
+        from trainer.evaluate import evaluate_checkpoint
+
+        report = evaluate_checkpoint(best, self.cfg.data.test)
+        tmp = best / "test_report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(best / "test_report.json")
+        self.tracker.log_metrics({f"test/{k}": v for k, v in report["metrics"].items()},
+                                 self.state.step)
+        self.tracker.log_artifact(best / "test_report.json", "best")
+        log.info("test (best weights, step %d): %s", self.state.best_step,
+                 " ".join(f"{k}={v:.2f}" for k, v in report["metrics"].items()))
+        return report["metrics"]
+
     # ---------------------------------------------------------------- cleanup
     def cleanup(self, status: str = "FINISHED") -> None:
         if self.dist.is_main:
             st = self.state
             summary = {"best_SumR": st.best_sumr, "best_step": st.best_step,
-                       "steps": st.step, "stopped_early": float(st.stopped_early)}
+                       "steps": st.step, "stopped_early": float(st.stopped_early),
+                       "perf/wall_s": time.perf_counter() - self.started}
             self.tracker.log_metrics(summary, st.step)
             for name in ("metrics.json", "config.yaml", "student.pt"):
                 if (self.dir / "best" / name).exists():

@@ -19,6 +19,7 @@ def train(cfg, reporter=None, device=None, use_deepspeed: bool = True):
     status = "FAILED"
     try:
         state = recipe.train()
+        recipe.test()
         status = "FINISHED"
         return state
     finally:

@@ -88,9 +88,18 @@ def test_zero3_student_with_zero3_teacher(ray_local, world, tmp_path, tiny_teach
     assert client.get_metric_history(runs[0].info.run_id, "val/SumR")
 
 
-def test_sigkilled_worker_restarts_from_checkpoint(ray_local, world, tmp_path):
-    from ray.util.state import list_actors
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
+    import psutil
 
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            pids.append(proc.pid)
+    return sorted(pids)
+
+
+def test_sigkilled_worker_restarts_from_checkpoint(ray_local, world, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config("configs/tiny.yaml", tiny_overrides(
         world, tmp_path, "kill", **{"train.epochs": 3, "data.steps_per_epoch": 4,
@@ -103,11 +112,10 @@ def test_sigkilled_worker_restarts_from_checkpoint(ray_local, world, tmp_path):
         deadline = time.time() + 400
         while time.time() < deadline and not killed:
             if list((tmp_path / "kill").glob("step-00000004")):
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                               ("state", "=", "ALIVE")])
+                workers = _train_worker_pids()
                 if workers:
-                    os.kill(workers[-1].pid, signal.SIGKILL)
-                    killed.append(workers[-1].pid)
+                    os.kill(workers[-1], signal.SIGKILL)
+                    killed.append(workers[-1])
                     return
             time.sleep(0.5)
 

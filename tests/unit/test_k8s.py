@@ -371,9 +371,12 @@ def parse_entrypoint(where: str, command: str) -> tuple[str, str, list[str]]:
     return module, config, overrides
 
 
-def test_entrypoints_name_existing_configs_that_load() -> None:
+def test_entrypoints_name_existing_configs_that_load(monkeypatch) -> None:
     from trainer.config import load_config
 
+    # Every pod gets MLFLOW_TRACKING_URI from the dldkd-storage ConfigMap (remote run.storage
+    # needs a tracking server, trainer/config.py).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://dldkd-mlflow:5000")
     for where, command in entrypoints():
         _, config, overrides = parse_entrypoint(where, command)
         # The image's working directory is the repository root, as in `ray job submit --working-dir .`

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 1): ranks with pessimistic ties, R@K by hand, chunked == unchunked, bad input."""
+"""Evaluation (SPEC 1): pessimistic ties, R@K by hand, chunked == unchunked, bad input."""
 from __future__ import annotations
 
 import math

@@ -16,6 +16,10 @@ The YAML holds a run config plus a ``sweep:`` section (docs/sweeps.md)::
         optim.lr: {loguniform: [1.0e-4, 1.0e-3]}
         loss.targets: {choice: [soft, hard]}
         train.seed: {grid: [1, 2]}
+      variants:                   # optional: one more grid axis of named override bundles
+        dldkd: {loss.targets: hard}
+        dldkdpp: {loss.targets: soft}
+      teacher_eval: false         # log the teacher's zero-shot val metrics on each child run
 
 Each trial is a Tune function trainable that builds and fits the ``TorchTrainer`` of one run
 (Ray's pattern for Train V2), named ``<sweep>-<trial id>``, with ``TuneReportCallback`` passing
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -49,6 +54,12 @@ SEARCH_ALGS = ("random", "grid")
 DOMAINS: dict[str, int | None] = {"uniform": 2, "quniform": 3, "loguniform": 2, "randint": 2,
                                   "choice": None, "grid": None}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The Tune parameter holding a trial's variant name, and where MLflow records it.
+VARIANT_KEY = "variant"
+VARIANT_TAG = "dldkd.variant"
+VARIANT_PARAM = "sweep.variant"
+# Keys a sweep must not vary: they are each trial's identity, set by the sweep.
+IDENTITY_KEYS = ("run.name", "run.storage", "tracking.uri", "tracking.parent_run_id")
 
 
 @dataclass
@@ -78,6 +89,11 @@ class SweepSpec:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     # Dotted config key -> {domain: args}, as written in the YAML.
     space: dict[str, dict] = field(default_factory=dict)
+    # Variant name -> {dotted config key: value}: one more grid axis, crossed with the space.
+    variants: dict[str, dict] = field(default_factory=dict)
+    # Before a trial that uses a teacher trains, score the teacher alone on data.val and log
+    # teacher/* metrics on the trial's run (teacher-quality studies; cached per teacher).
+    teacher_eval: bool = False
 
 
 # ------------------------------------------------------------------------------ the YAML section
@@ -101,6 +117,7 @@ def parse_sweep(raw: dict | None, cfg: Config) -> SweepSpec:
     raw.setdefault("name", cfg.run.name)
     spec = SweepSpec(scheduler=SchedulerSpec(**sched_raw), **raw)
     _check_fields(spec, cfg)
+    check_variants(spec.variants, spec.space, cfg)
     tune_space(spec, cfg)
     return spec
 
@@ -147,6 +164,34 @@ def _check_fields(spec: SweepSpec, cfg: Config) -> None:
                               f"max_t={sched.max_t}")
     if not isinstance(spec.space, dict):
         raise ConfigError(f"sweep.space must be a mapping of config keys, got {spec.space!r}")
+    if not isinstance(spec.teacher_eval, bool):
+        raise ConfigError(f"sweep.teacher_eval={spec.teacher_eval!r} must be true or false")
+
+
+def check_variants(variants: Any, space: dict, cfg: Config) -> None:
+    """Each variant is a named bundle of valid overrides that no space key also varies."""
+    if not isinstance(variants, dict):
+        raise ConfigError(f"sweep.variants must be a mapping of name -> {{config key: value}}, "
+                          f"got {variants!r}")
+    tree = cfg.to_dict()
+    for name, bundle in variants.items():
+        where = f"sweep.variants.{name}"
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise ConfigError(f"{where}: a variant name is letters, digits, '.', '_' or '-' (it "
+                              "names trials in MLflow)")
+        if not isinstance(bundle, dict):
+            raise ConfigError(f"{where} must be a mapping of config keys to values, e.g. "
+                              f"{{loss.kd: 'off'}}; got {bundle!r}")
+        fixed = sorted(set(bundle) & set(IDENTITY_KEYS))
+        shared = sorted(set(bundle) & set(space))
+        if fixed or shared:
+            raise ConfigError(f"{where} sets {fixed or shared}, which "
+                              + ("the sweep sets for each trial" if fixed else
+                                 "sweep.space also varies; set each key in one place"))
+        try:
+            from_dict(apply_overrides(copy.deepcopy(tree), dict(bundle)))
+        except ConfigError as exc:
+            raise ConfigError(f"{where} gives an invalid config: {exc}") from None
 
 
 def build_space(space: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -200,15 +245,20 @@ def build_space(space: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def tune_space(spec: SweepSpec, cfg: Config) -> dict[str, Any]:
-    """The Tune ``param_space``; with ``search_alg: grid``, every choice becomes a grid axis."""
+    """The Tune ``param_space``; with ``search_alg: grid``, every choice becomes a grid axis.
+
+    Variants are always a grid axis (``variant``: their names), crossed with the other keys.
+    """
     space = build_space(spec.space, cfg)
+    variants = {VARIANT_KEY: _domain("grid", list(spec.variants))} if spec.variants else {}
     if spec.search_alg != "grid":
-        return space
+        return {**space, **variants}
     continuous = [k for k, v in spec.space.items() if next(iter(v)) not in ("grid", "choice")]
     if continuous:
         raise ConfigError(f"sweep.search_alg=grid needs grid or choice domains; {continuous} "
                           "are continuous (use search_alg: random)")
-    return {k: _domain("grid", next(iter(v.values()))) for k, v in spec.space.items()}
+    return {**{k: _domain("grid", next(iter(v.values()))) for k, v in spec.space.items()},
+            **variants}
 
 
 def _domain(kind: str, args: list):
@@ -232,11 +282,11 @@ def load_sweep(path: str | Path, overrides: list[str]) -> tuple[Config, SweepSpe
         parts = key.split(".")[1:]
         if len(parts) == 2 and parts[0] == "scheduler":
             raw.setdefault("scheduler", {})[parts[1]] = value
-        elif len(parts) == 1 and parts[0] not in ("scheduler", "space"):
+        elif len(parts) == 1 and parts[0] not in ("scheduler", "space", "variants"):
             raw[parts[0]] = value
         else:
             raise ConfigError(f"override {key!r}: only sweep.<key> and sweep.scheduler.<key> can "
-                              "be overridden; edit the YAML's sweep.space")
+                              "be overridden; edit the YAML's sweep.space and sweep.variants")
     return cfg, parse_sweep(raw, cfg)
 
 
@@ -311,25 +361,90 @@ def _trial_name(sweep: str, trial) -> str:
 
 
 def trial_config(base: dict, values: dict[str, Any], *, sweep: str, trial_id: str,
-                 storage: str, uri: str, parent_run_id: str) -> Config:
-    """The run config of one trial: the base config, the sampled values and its identity."""
-    tree = apply_overrides(copy.deepcopy(base), dict(values))
+                 storage: str, uri: str, parent_run_id: str,
+                 variants: dict[str, dict] | None = None) -> Config:
+    """The run config of one trial: the base config, its variant's bundle, the sampled values
+    and its identity."""
+    values = dict(values)
+    variant = values.pop(VARIANT_KEY, None)
+    tree = copy.deepcopy(base)
+    if variant is not None:
+        if variant not in (variants or {}):
+            raise ConfigError(f"trial {trial_id}: variant {variant!r} is not in sweep.variants "
+                              f"{sorted(variants or {})}")
+        apply_overrides(tree, dict(variants[variant]))
+    apply_overrides(tree, values)
     apply_overrides(tree, {"run.name": trial_run_name(sweep, trial_id), "run.storage": storage,
                            "tracking.uri": uri, "tracking.parent_run_id": parent_run_id})
     return from_dict(tree)
 
 
 def _trial(values: dict, *, base: dict, sweep: str, storage: str, uri: str,
-           parent_run_id: str) -> None:
+           parent_run_id: str, variants: dict[str, dict], teacher_eval_dir: str | None,
+           cwd: str) -> None:
     """Tune function trainable: fit one Ray Train run; its reports reach Tune via the callback."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from launch.train import build_trainer
 
+    # Tune starts a trial in its trial folder; relative paths in the config (shards, teacher)
+    # mean the launch folder, as for a single run (launch.train passes it on to the workers).
+    if Path(cwd).is_dir():
+        os.chdir(cwd)
     cfg = trial_config(base, values, sweep=sweep, trial_id=tune.get_context().get_trial_id(),
-                       storage=storage, uri=uri, parent_run_id=parent_run_id)
+                       storage=storage, uri=uri, parent_run_id=parent_run_id, variants=variants)
+    label_trial_run(cfg, values.get(VARIANT_KEY), teacher_eval_dir)
     build_trainer(cfg, name=cfg.run.name, callbacks=[TuneReportCallback()]).fit()
+
+
+def label_trial_run(cfg: Config, variant: str | None, teacher_eval_dir: str | None) -> None:
+    """Open the trial's MLflow run before its workers do (they find it by its run key) and
+    record what the config alone does not say: the variant name (tag and param) and, with
+    ``teacher_eval``, the teacher's own zero-shot metrics (``teacher/*`` at step 0).
+
+    Records go through the run folder's spool, which the rank-0 tracker replays if MLflow
+    is down now.
+    """
+    from trainer.recipe import run_dir
+    from trainer.tracking import Tracker
+
+    teacher = None
+    if teacher_eval_dir is not None and cfg.uses_teacher() and cfg.data.val:
+        teacher = teacher_quality(cfg, Path(teacher_eval_dir))
+    if variant is None and teacher is None:
+        return
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
+                      run_dir(cfg) / "mlflow-spool.jsonl",
+                      parent_run_id=cfg.tracking.parent_run_id)
+    tracker.start({VARIANT_PARAM: variant} if variant else {},
+                  {VARIANT_TAG: variant} if variant else {})
+    if teacher:
+        tracker.log_metrics({f"teacher/{k}": v for k, v in teacher.items()}, 0)
+
+
+def teacher_quality(cfg: Config, cache: Path) -> dict[str, float]:
+    """The teacher's zero-shot metrics on ``data.val``, computed once per (teacher, split).
+
+    The cache key holds the weights file's size and modification time, so a teacher rewritten
+    in place is scored again.
+    """
+    from trainer.teacher_pretrain import zero_shot_eval_split
+
+    t = cfg.teacher
+    weights = Path(t.pretrained)
+    identity = {"arch": t.arch, "model_config": t.model_config, "pretrained": t.pretrained,
+                "placement": t.placement, "split": cfg.data.val,
+                "weights": [weights.stat().st_size, weights.stat().st_mtime_ns]
+                if weights.is_file() else None}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["metrics"]
+    metrics = zero_shot_eval_split(cfg, cfg.data.val)
+    cache.mkdir(parents=True, exist_ok=True)
+    _write(path, json.dumps({"teacher": identity, "metrics": metrics}, indent=1))
+    return metrics
 
 
 def open_tuner(path: str, trainable: Callable, make_new: Callable[[], Any]) -> tuple[Any, bool]:
@@ -447,8 +562,9 @@ def _parent_tracker(cfg: Config, spec: SweepSpec, uri: str):
     folder = report_dir(cfg, spec)
     tracker = Tracker(uri, cfg.tracking.experiment, spec.name, folder / "mlflow-spool.jsonl",
                       system_metrics=False)
-    params = {f"sweep.{k}": v for k, v in asdict(spec).items() if k != "space"}
+    params = {f"sweep.{k}": v for k, v in asdict(spec).items() if k not in ("space", "variants")}
     params.update({f"sweep.space.{k}": json.dumps(v) for k, v in spec.space.items()})
+    params.update({f"sweep.variants.{k}": json.dumps(v) for k, v in spec.variants.items()})
     params.update(cfg.flat())
     tracker.start(params, {"dldkd.kind": "sweep", "dldkd.sweep": spec.name})
     if tracker.run_id is None:
@@ -490,7 +606,10 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
              "(parent run %s)", spec.name, demand, limit, path, uri, parent_id or "-")
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), sweep=spec.name,
-                             storage=f"{path}/trials", uri=uri, parent_run_id=parent_id),
+                             storage=f"{path}/trials", uri=uri, parent_run_id=parent_id,
+                             variants=spec.variants,
+                             teacher_eval_dir=str(report_dir(cfg, spec) / "teacher-eval")
+                             if spec.teacher_eval else None, cwd=os.getcwd()),
         {"CPU": spec.trial_cpus})
     if spec.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=spec.scheduler.max_t,
@@ -523,7 +642,8 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
         label = Path(result.path).name
         frame = result.metrics_dataframe
         histories[label] = frame.to_dict("records") if frame is not None else []
-        params[label] = {k: v for k, v in (result.config or {}).items() if k in spec.space}
+        params[label] = {k: v for k, v in (result.config or {}).items()
+                         if k in spec.space or k == VARIANT_KEY}
         if result.error is not None:
             errors.append(f"{label}: {type(result.error).__name__}: {result.error}")
     rows = trial_rows(histories, spec.metric, spec.mode)

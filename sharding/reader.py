@@ -225,15 +225,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         for group in itertools.islice(_groups(raw, p.batch_videos), skip, None):
             if total is not None and produced >= total:
                 break
-            videos = []
-            for members in group:
-                try:
-                    videos.append(decode_sample(members, members.get("__url__", "?")))
-                except UnsafeMemberError:
-                    raise
-                except ShardError as e:
-                    stats.bad_samples += 1
-                    stats.note(str(e))
+            videos = [v for v in (_decode_counted(m, stats) for m in group) if v is not None]
             if not videos:   # resampled: the next group stands in, so the step count holds
                 stats.note(f"a whole batch of {len(group)} samples was damaged")
                 continue
@@ -249,6 +241,18 @@ class _EpochDataset(torch.utils.data.IterableDataset):
 @dataclass
 class _WorkerDone:
     read: dict
+
+
+def _decode_counted(members: dict, stats: ReadStats) -> VideoSample | None:
+    """Decode one sample; a damaged one is counted and skipped, a pickled one is fatal."""
+    try:
+        return decode_sample(members, members.get("__url__", "?"))
+    except UnsafeMemberError:
+        raise
+    except ShardError as e:
+        stats.bad_samples += 1
+        stats.note(str(e))
+        return None
 
 
 def _identity(x):
@@ -344,13 +348,9 @@ def read_all(source, max_bad_fraction: float = 0.0) -> list[VideoSample]:
     stats = ReadStats()
     out = []
     for members in _raw_samples(urls, stats, expected, None):
-        try:
-            out.append(decode_sample(members, members.get("__url__", "?")))
-        except UnsafeMemberError:
-            raise
-        except ShardError as e:
-            stats.bad_samples += 1
-            stats.note(str(e))
+        video = _decode_counted(members, stats)
+        if video is not None:
+            out.append(video)
     stats.samples = len(out)
     if stats.bad_fraction > max_bad_fraction:
         raise BadDataError(f"{stats.bad_samples} of {stats.samples + stats.bad_samples} samples in "

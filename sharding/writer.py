@@ -67,7 +67,8 @@ class Manifest:
         return [f"{self.base.rstrip('/')}/{s.name}" if self.base else s.name for s in self.shards]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Streaming sha256 of a file (shards, checkpoints)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -119,7 +120,7 @@ class _ShardBuffer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return ShardInfo(path.name, _sha256(path), len(self.samples), self.captions,
+        return ShardInfo(path.name, sha256_file(path), len(self.samples), self.captions,
                          path.stat().st_size)
 
 
@@ -176,7 +177,7 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
         ids = _take(it, rec["n_items"])
         path = out / rec["info"]["name"]
         if (len(ids) != rec["n_items"] or _ids_digest(ids) != rec["ids_digest"]
-                or not path.exists() or _sha256(path) != rec["info"]["sha256"]):
+                or not path.exists() or sha256_file(path) != rec["info"]["sha256"]):
             it = _chain(ids, it)
             break
         kept.append(rec)
@@ -311,7 +312,7 @@ def verify_shards(directory) -> dict[str, str]:
             problems[s.name] = "missing"
         elif path.stat().st_size != s.bytes:
             problems[s.name] = f"size {path.stat().st_size} != {s.bytes} in the manifest (truncated?)"
-        elif _sha256(path) != s.sha256:
+        elif sha256_file(path) != s.sha256:
             problems[s.name] = "sha256 differs from the manifest (corrupt)"
     return problems
 

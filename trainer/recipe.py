@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from tqdm import tqdm
 
 from trainer import checkpoint as ckpt
 from trainer import dist
@@ -158,6 +159,9 @@ class Recipe:
         eval_every = cfg.train.eval_every or self.steps_per_epoch
         ckpt_every = cfg.train.ckpt_every or eval_every
         timer = _Timer()
+        # A progress bar only where someone watches (rank 0 on a terminal); logs elsewhere.
+        bar = tqdm(total=self.total_steps, initial=st.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.dist.is_main and sys.stderr.isatty()))
         self.engine.train()
         while st.epoch < cfg.train.epochs and not st.stopped_early:
             sched = self.schedule(st.epoch)
@@ -168,6 +172,7 @@ class Recipe:
                 terms = self.train_step(batch, st.epoch, timer)
                 st.step += 1
                 st.step_in_epoch += 1
+                bar.update(1)
                 timer.count(batch.num_videos * self.dist.world_size)
                 if st.step % cfg.train.log_every == 0 or st.step == 1:
                     self._log_step(terms, sched, timer)
@@ -182,6 +187,7 @@ class Recipe:
             if st.step_in_epoch >= self.steps_per_epoch:
                 st.epoch += 1
                 st.step_in_epoch = 0
+        bar.close()
         return st
 
     def schedule(self, epoch: int) -> dict[str, float]:

@@ -33,6 +33,7 @@ from open_clip.transform import center_crop_or_pad, merge_preprocess_dict
 from torch import Tensor, nn
 
 from sharding.batch import Batch
+from sharding.writer import sha256_file
 from trainer.config import TeacherConfig
 from trainer.losses import PAD_SCORE, TeacherTargets
 from trainer.teacher_cache import FrameEmbeddingCache
@@ -252,14 +253,6 @@ def fit_state_dict(sd: dict[str, Tensor], shapes: dict[str, torch.Size], where: 
     return out
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def teacher_identity(cfg: TeacherConfig, source: WeightSource, preprocess: dict,
                      weights_sha: str, dtype: torch.dtype) -> str:
     """arch + a hash of everything that changes a frame embedding: the cache namespace."""
@@ -313,7 +306,7 @@ def _build_replicated(source: WeightSource, device: torch.device, dtype: torch.d
         sd = fit_state_dict(read_state_dict(source.checkpoint), shapes,
                             f"teacher checkpoint {source.checkpoint}")
         clip.load_state_dict(sd, strict=True)
-        sha = file_sha256(source.checkpoint)
+        sha = sha256_file(source.checkpoint)
     else:
         sha = _params_sha(clip, gather=None)
     clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -343,7 +336,7 @@ def _build_zero3(source: WeightSource, device: torch.device, dtype: torch.dtype
         try:
             sd = fit_state_dict(read_state_dict(source.checkpoint), shapes,
                                 f"teacher checkpoint {source.checkpoint}")
-            status = [None, file_sha256(source.checkpoint), True]
+            status = [None, sha256_file(source.checkpoint), True]
         except TeacherError as err:
             status = [str(err), "", True]
     torch_dist.broadcast_object_list(status, src=0)

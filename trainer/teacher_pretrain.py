@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import trainer.compat  # noqa: F401  (must precede open_clip)
 
+import dataclasses
 import io
 import json
 import math
@@ -25,9 +26,10 @@ import webdataset as wds
 from PIL import Image
 
 from sharding.batch import VideoSample, collate
-from trainer.config import TeacherConfig
+from trainer.config import Config, TeacherConfig
 from trainer.metrics import encoded_from_embeddings, rank_counts, rank_metrics
-from trainer.teacher import Teacher, TeacherError, preprocess_frames, resolve_weights
+from trainer.teacher import Teacher, TeacherError, build_teacher, preprocess_frames
+from trainer.teacher import resolve_weights
 
 TINY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "teacher-tiny.json")
 
@@ -167,3 +169,19 @@ def zero_shot_eval(teacher: Teacher, samples: Sequence[VideoSample], video_chunk
                                   torch.cat(masks), torch.cat(gts), {"teacher": 1.0},
                                   video_chunk=video_chunk)
     return rank_metrics(rank_counts(enc, query_chunk=query_chunk))
+
+
+def zero_shot_eval_split(cfg: Config, split: str, device: str | torch.device = "cpu"
+                         ) -> dict[str, float]:
+    """The zero-shot metrics of ``cfg.teacher`` on every video of ``split``, in this process.
+
+    A ``zero3`` teacher is loaded whole here (same weights): partitioning needs the ranks of a
+    training run, and one process holds a teacher that a training run shards.
+    """
+    from sharding.reader import read_all
+
+    teacher_cfg = cfg.teacher
+    if teacher_cfg.placement == "zero3":
+        teacher_cfg = dataclasses.replace(teacher_cfg, placement="replicated")
+    samples = read_all(split, cfg.data.max_bad_fraction)
+    return zero_shot_eval(build_teacher(teacher_cfg, device), samples)

@@ -17,8 +17,11 @@ def test_two_node_cluster(world, tmp_path):
 
     from launch.train import build_trainer
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=2)
+    # Two raylets with their own loopback addresses: Ray Train ranks nodes by IP, so this is
+    # what two hosts look like to it (node rank, MASTER_ADDR, merged checkpoint uploads).
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1"})
+    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.2")
     try:
         ray.init(address=cluster.address)
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -251,8 +251,10 @@ def test_s3_storage_without_s3fs_names_the_extra(good, monkeypatch):
 
 def test_remote_storage_needs_a_tracking_uri(good, monkeypatch):
     monkeypatch.setitem(sys.modules, "s3fs", None)
-    _, checks = run(good + ["run.storage=s3://bucket/runs"])
-    assert checks["tracking"].status == FAIL and "tracking.uri" in checks["tracking"].message
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    report, checks = run(good + ["run.storage=s3://bucket/runs"])
+    assert not report.ok
+    assert checks["config"].status == FAIL and "tracking.uri" in checks["config"].message
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

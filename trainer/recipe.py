@@ -74,11 +74,16 @@ def run_dir(cfg: Config) -> Path:
 
 class Recipe:
     def __init__(self, cfg: Config, reporter: Reporter | None = None,
-                 device: torch.device | None = None, use_deepspeed: bool = True):
+                 device: torch.device | None = None, use_deepspeed: bool = True, *,
+                 reader=None, gallery: EvalGallery | None = None):
+        """``reader``/``gallery`` replace the shards (anything with ``steps_per_epoch`` and
+        ``epoch(e, start_step)``), to debug the method on in-memory data."""
         self.cfg = cfg
         self.device_hint = device
         self.use_deepspeed = use_deepspeed
         self.reporter = reporter
+        self.reader = reader
+        self.gallery = gallery
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -96,7 +101,7 @@ class Recipe:
 
         from sharding.reader import ShardReader
 
-        self.reader = ShardReader(
+        self.reader = self.reader or ShardReader(
             cfg.data.train, rank=self.dist.rank, world_size=self.dist.world_size,
             batch_videos=cfg.data.batch_videos, loader_workers=cfg.data.loader_workers,
             resampled=cfg.data.resampled, steps_per_epoch=cfg.data.steps_per_epoch,
@@ -105,7 +110,8 @@ class Recipe:
             video_dim=cfg.model.video_dim, query_dim=cfg.model.query_dim)
         self.steps_per_epoch = self.reader.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.gallery = self._load_gallery(cfg.data.val) if cfg.data.val else None
+        if self.gallery is None and cfg.data.val:
+            self.gallery = self._load_gallery(cfg.data.val)
 
         self.student = DualStudent(cfg.model)
         self.engine = build_engine(cfg, self.student, self.total_steps, self.dist.world_size,

@@ -23,7 +23,6 @@ import statistics
 import threading
 import time
 
-import numpy as np
 import torch
 
 from bench.reference_eval import reference_gt, reference_metrics

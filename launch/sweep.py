@@ -443,7 +443,10 @@ def teacher_quality(cfg: Config, cache: Path) -> dict[str, float]:
         return json.loads(path.read_text())["metrics"]
     metrics = zero_shot_eval_split(cfg, cfg.data.val)
     cache.mkdir(parents=True, exist_ok=True)
-    _write(path, json.dumps({"teacher": identity, "metrics": metrics}, indent=1))
+    # Concurrent trials may score the same teacher: each writes its own temporary file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"teacher": identity, "metrics": metrics}, indent=1))
+    tmp.replace(path)
     return metrics
 
 

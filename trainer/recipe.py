@@ -315,7 +315,9 @@ class Recipe:
                        "steps": st.step, "stopped_early": float(st.stopped_early),
                        "perf/wall_s": time.perf_counter() - self.started}
             self.tracker.log_metrics(summary, st.step)
-            for name in ("metrics.json", "config.yaml", "student.pt"):
+            if st.history:
+                _plot_history(st.history, self.dir / "best" / "val_sumr.png", self.cfg.run.name)
+            for name in ("metrics.json", "config.yaml", "student.pt", "val_sumr.png"):
                 if (self.dir / "best" / name).exists():
                     self.tracker.log_artifact(self.dir / "best" / name, "best")
             self.tracker.set_tags({"dldkd.best_checkpoint": str((self.dir / "best").resolve())})
@@ -394,6 +396,23 @@ class _gathered:
     def __exit__(self, *exc):
         if self.ctx:
             self.ctx.__exit__(*exc)
+
+
+def _plot_history(history: list[dict], path: Path, title: str) -> None:
+    """Validation SumR over steps: the evaluation report's plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["step"] for h in history], [h["SumR"] for h in history], marker="o")
+    ax.set(xlabel="step", ylabel="validation SumR", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _to_device(batch, device: torch.device, dtype: torch.dtype):

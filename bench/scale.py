@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import ray
+    import torch
 
     from launch.train import build_trainer
     from sharding.synthetic import build_world
@@ -61,9 +62,12 @@ def main(argv: list[str] | None = None) -> None:
             "tracking.system_metrics=false", f"teacher.pretrained={teacher}",
             f"data.steps_per_epoch={args.steps}", "train.epochs=2", "train.log_every=1",
             "train.ckpt_every=100000", f"dist.num_workers={workers}",
+            # The same 2 cores in every setting (Ray sets OMP threads = CPUs per worker).
+            f"dist.cpus_per_worker={max(2 // workers, 1)}",
             f"data.batch_videos={args.batch // workers}"])
 
     skip = args.steps  # the first epoch fills the teacher's frame cache
+    torch.set_num_threads(2)
     train(cfg("single", 1), use_deepspeed=False)
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
     try:

@@ -82,7 +82,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         from trainer.teacher_pretrain import pretrain
 
         result = pretrain(args.shards, out_path=args.out, arch=args.arch,
-                          model_config=args.model_config, steps=args.steps, batch=args.batch,
+                          model_config=args.model_config, steps=args.steps, batch_size=args.batch,
                           lr=args.lr, seed=args.seed, save_at=args.save_at)
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=1))
         return 0

@@ -21,8 +21,8 @@ from trainer.recipe import setup_logging
 WORKER_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
 }
+# OMP_NUM_THREADS is left to Ray, which sets it to each worker's dist.cpus_per_worker.
 
 
 class RayReporter:

@@ -189,6 +189,7 @@ class _Plan:
     seed: int
     shuffle_buffer: int
     max_words: int
+    teacher_frames: bool = True
     epoch: int = 0
     start_step: int = 0
 
@@ -225,7 +226,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         for group in itertools.islice(_groups(raw, p.batch_videos), skip, None):
             if total is not None and produced >= total:
                 break
-            videos = [v for v in (_decode_counted(m, stats) for m in group) if v is not None]
+            videos = [v for v in (_decode_counted(m, stats, p.teacher_frames) for m in group)
+                      if v is not None]
             if not videos:   # resampled: the next group stands in, so the step count holds
                 stats.note(f"a whole batch of {len(group)} samples was damaged")
                 continue
@@ -243,10 +245,11 @@ class _WorkerDone:
     read: dict
 
 
-def _decode_counted(members: dict, stats: ReadStats) -> VideoSample | None:
+def _decode_counted(members: dict, stats: ReadStats, teacher_frames: bool = True
+                    ) -> VideoSample | None:
     """Decode one sample; a damaged one is counted and skipped, a pickled one is fatal."""
     try:
-        return decode_sample(members, members.get("__url__", "?"))
+        return decode_sample(members, members.get("__url__", "?"), teacher_frames=teacher_frames)
     except UnsafeMemberError:
         raise
     except ShardError as e:
@@ -266,7 +269,8 @@ class ShardReader:
                  loader_workers: int = 2, resampled: bool = True, steps_per_epoch: int = 0,
                  seed: int = 0, shuffle_buffer: int = 256, max_bad_fraction: float = 0.01,
                  max_words: int = 30, video_dim: int | None = None, query_dim: int | None = None,
-                 teacher_dim: int | None = None):
+                 teacher_dim: int | None = None, teacher_frames: bool = True):
+        """``teacher_frames=False`` skips decoding the JPEG frames (no online image tower)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_videos < 1 or loader_workers < 0:
@@ -291,7 +295,7 @@ class ShardReader:
         if self.manifest is not None:
             expected = {u: s.videos for u, s in zip(self.urls, self.manifest.shards)}
         self.plan = _Plan(self.urls, expected, rank, world_size, batch_videos, resampled,
-                          steps_per_epoch, seed, shuffle_buffer, max_words)
+                          steps_per_epoch, seed, shuffle_buffer, max_words, teacher_frames)
         self.loader_workers = loader_workers
         self.max_bad_fraction = max_bad_fraction
         self.stats = ReadStats()          # all finished and current epochs
@@ -341,14 +345,15 @@ class ShardReader:
         return self.epoch(0)
 
 
-def read_all(source, max_bad_fraction: float = 0.0) -> list[VideoSample]:
+def read_all(source, max_bad_fraction: float = 0.0, teacher_frames: bool = True
+             ) -> list[VideoSample]:
     """Every video of a split in shard order, in this process (evaluation galleries)."""
     urls, manifest = resolve_source(source)
     expected = {u: s.videos for u, s in zip(urls, manifest.shards)} if manifest else {}
     stats = ReadStats()
     out = []
     for members in _raw_samples(urls, stats, expected, None):
-        video = _decode_counted(members, stats)
+        video = _decode_counted(members, stats, teacher_frames)
         if video is not None:
             out.append(video)
     stats.samples = len(out)

@@ -152,7 +152,7 @@ def _load_npy(data: bytes, name: str, source: str, key: str) -> np.ndarray:
                          f"array ({e})") from e
 
 
-def decode_sample(members: dict, source: str) -> VideoSample:
+def decode_sample(members: dict, source: str, *, teacher_frames: bool = True) -> VideoSample:
     """Decode one sample's members (name -> bytes, ``__key__`` etc. ignored) into a VideoSample.
 
     Raises UnsafeMemberError for a pickle-capable member and ShardError for a damaged sample;
@@ -199,7 +199,7 @@ def decode_sample(members: dict, source: str) -> VideoSample:
         cap_ids=list(cap_ids), captions=list(captions),
         n_frames_orig=int(meta.get("n_frames_orig", frames.shape[0])), moments=meta.get("moments"))
     jpgs = sorted((int(_JPEG.fullmatch(n).group(1)), n) for n in members if _JPEG.fullmatch(n))
-    if jpgs:
+    if jpgs and teacher_frames:
         if [i for i, _ in jpgs] != list(range(len(jpgs))):
             raise ShardError(f"shard {source}: sample {key!r} teacher frames are not numbered "
                              f"f000.jpg.. contiguously: {[n for _, n in jpgs]}")

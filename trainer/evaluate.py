@@ -34,7 +34,7 @@ def evaluate_checkpoint(folder: str | Path, split: str) -> dict:
     from sharding.reader import read_all
 
     student, cfg = load_student(folder)
-    gallery = build_gallery(read_all(split), cfg.model.max_words)
+    gallery = build_gallery(read_all(split, teacher_frames=False), cfg.model.max_words)
     metrics = evaluate(student, gallery)
     return {"checkpoint": str(folder), "split": split, "videos": gallery.num_videos,
             "queries": gallery.num_queries, "metrics": metrics}

@@ -107,7 +107,8 @@ class Recipe:
             resampled=cfg.data.resampled, steps_per_epoch=cfg.data.steps_per_epoch,
             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
             max_bad_fraction=cfg.data.max_bad_fraction, max_words=cfg.model.max_words,
-            video_dim=cfg.model.video_dim, query_dim=cfg.model.query_dim)
+            video_dim=cfg.model.video_dim, query_dim=cfg.model.query_dim,
+            teacher_frames=cfg.uses_teacher() and cfg.teacher.placement != "precomputed")
         self.steps_per_epoch = self.reader.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if self.gallery is None and cfg.data.val:
@@ -140,7 +141,7 @@ class Recipe:
     def _load_gallery(self, source: str) -> EvalGallery:
         from sharding.reader import read_all
 
-        samples = read_all(source)
+        samples = read_all(source, teacher_frames=False)  # the teacher never evaluates
         if self.cfg.train.max_eval_queries:
             samples = _cap_queries(samples, self.cfg.train.max_eval_queries)
         return build_gallery(samples, self.cfg.model.max_words)

@@ -99,6 +99,14 @@ def test_round_trip():
     assert np.abs(d.teacher_frames.astype(int) - s.teacher_frames).mean() < 3
 
 
+def test_teacher_frames_can_be_left_undecoded():
+    """Runs without an online image tower skip the JPEG decode (the costliest part of a sample)."""
+    enc = encode_sample(_sample(np.random.default_rng(0)))
+    d = decode_sample(enc, "train-000000.tar", teacher_frames=False)
+    assert d.teacher_frames is None and d.teacher_frame_emb is not None
+    assert d.frames.shape == (128, 12)
+
+
 def test_round_trip_without_optional_members():
     s = _sample(np.random.default_rng(1), vid="plain", n=5, n_caps=1, teacher=False)
     s.moments = None

@@ -19,7 +19,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
     out = build_world(args.out, videos=args.videos, eval_videos=args.eval_videos, seed=args.seed,
                       pretrain_pairs=args.pretrain_pairs, videos_per_shard=args.videos_per_shard)
-    for split, manifest in out.items():
+    for split in out:
         print(f"{split}: {Path(args.out) / split}")
     return 0
 

@@ -14,6 +14,11 @@ import numpy as np
 import torch
 
 
+# Decoded shard arrays are read-only views; collate only reads them through torch.from_numpy,
+# so its "not writable" warning (set once here, not per call in the hot path) says nothing.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
 @dataclass
 class VideoSample:
     """One video as decoded from a shard (arrays already preprocessed per SPEC 2)."""
@@ -136,9 +141,7 @@ def collate(samples: list[VideoSample], max_words: int = 30) -> Batch:
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
     """A zero-copy view of a (possibly read-only, decoded-from-shard) array; only read from."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "not writable": we never write to it
-        return torch.from_numpy(a)
+    return torch.from_numpy(a)
 
 
 def _teacher_len(s: VideoSample) -> int:

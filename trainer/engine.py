@@ -74,9 +74,6 @@ class PlainEngine:
     def train(self, mode: bool = True):
         self.module.train(mode)
 
-    def eval(self):
-        self.module.eval()
-
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 

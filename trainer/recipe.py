@@ -6,6 +6,7 @@ reported) is the ``Reporter`` it is given; the recipe itself never imports Ray.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -171,7 +172,6 @@ class Recipe:
                    disable=not (self.dist.is_main and sys.stderr.isatty()))
         self.engine.train()
         while st.epoch < cfg.train.epochs and not st.stopped_early:
-            sched = self.schedule(st.epoch)
             batches = self.reader.epoch(st.epoch, st.step_in_epoch)
             while st.step_in_epoch < self.steps_per_epoch:
                 with timer("data"):
@@ -182,7 +182,7 @@ class Recipe:
                 bar.update(1)
                 timer.count(batch.num_videos * self.dist.world_size)
                 if st.step % cfg.train.log_every == 0 or st.step == 1:
-                    self._log_step(terms, sched, timer)
+                    self._log_step(terms, timer)
                 metrics = None
                 if st.step % eval_every == 0 or st.step == self.total_steps:
                     metrics = self.evaluate_and_track()
@@ -324,7 +324,7 @@ class Recipe:
             self.tracker.set_tags({"dldkd.best_checkpoint": str((self.dir / "best").resolve())})
             self.tracker.finish(status)
 
-    def _log_step(self, terms: dict, sched: dict, timer: "_Timer") -> None:
+    def _log_step(self, terms: dict, timer: "_Timer") -> None:
         st = self.state
         rates = timer.rates()
         remaining = (self.total_steps - st.step) * rates["step_s"]
@@ -355,17 +355,13 @@ class _Timer:
         self.samples = 0
         self.steps = 0
 
+    @contextlib.contextmanager
     def __call__(self, phase: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.phases[phase] += time.perf_counter() - self.start
-
-        return _Ctx()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] += time.perf_counter() - start
 
     def count(self, samples: int) -> None:
         self.samples += samples
@@ -380,23 +376,13 @@ class _Timer:
                 "teacher_ms": 1000 * self.phases["teacher"] / steps}
 
 
-class _gathered:
+def _gathered(engine, stage: int):
     """Gather ZeRO-3 partitioned student weights for evaluation and saving (no-op otherwise)."""
+    if stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
 
-    def __init__(self, engine, stage: int):
-        self.ctx = None
-        if stage == 3:
-            import deepspeed
-
-            self.ctx = deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
-
-    def __enter__(self):
-        if self.ctx:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx:
-            self.ctx.__exit__(*exc)
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
 
 
 def _plot_history(history: list[dict], path: Path, title: str) -> None:

@@ -43,7 +43,7 @@ def _run(cfg, stop_at: int | None = None) -> dict[int, float]:
     ["loss.targets=soft", "loss.kd=dynamic", "teacher.cache=false"],  # DL-DKD++ (online teacher)
 ], ids=["hard", "dldkdpp"])
 def test_resume_equals_uninterrupted(world, tmp_path, variant):
-    over = tiny_overrides(world, tmp_path, train__ckpt_every=2) if False else tiny_overrides(
+    over = tiny_overrides(
         world, tmp_path, **{"train.ckpt_every": 2, "train.deterministic": True}) + variant
     full = _run(load_config("configs/tiny.yaml", over + ["run.name=full"]))
     assert sorted(full) == [1, 2, 3, 4, 5, 6]

@@ -138,13 +138,13 @@ def total_loss(model, batch: Batch, teacher: TeacherTargets, cfg: LossConfig, ep
                generator: torch.Generator | None) -> Tensor:
     """Dual-branch DL-DKD++ (soft targets, dynamic KD) with the student's weights."""
     labels = batch.labels.tolist()
-    alpha, beta = soft_alpha(epoch), soft_beta(epoch)
+    alpha, beta = soft_alpha(epoch, cfg), soft_beta(epoch, cfg)
     tau_qlb = teacher.tau.permute(0, 2, 1)
     S_inh, cos_inh, U_inh = scores(*encode(model.branches["inh"], batch), batch.video_mask)
     S_exp, _, U_exp = scores(*encode(model.branches["exp"], batch), batch.video_mask)
     inh = (triplet(S_inh, labels, cfg.margin, cfg.hard_pool, generator)
            + cfg.nce_weight * soft_nce(labels, U_inh, teacher.T, alpha, beta)
-           + kd_weight(epoch, cfg.kd_schedule)
+           + kd_weight(epoch, cfg)
            * kd(cos_inh, tau_qlb, batch.video_mask, labels, cfg.kd_temp))
     exp = (triplet(S_exp, labels, cfg.margin, cfg.hard_pool, generator)
            + cfg.nce_weight * soft_nce(labels, U_exp, U_exp, alpha, beta))

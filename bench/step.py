@@ -22,6 +22,7 @@ from sharding.batch import Batch, VideoSample, collate
 from trainer.config import LossConfig, ModelConfig, OptimConfig
 from trainer.losses import PAD_SCORE, TeacherTargets, total_loss
 from trainer.optim import build_optimizer
+from trainer.schedules import loss_weights
 from trainer.student import DualStudent
 
 EPOCH = 40  # alpha = 0.675: both the hard and the soft parts of soft_nce are live
@@ -52,7 +53,8 @@ def make_teacher(batch: Batch, seed: int) -> TeacherTargets:
 
 def ours_step(model, optimizer, batch, teacher, cfg, generator) -> float:
     optimizer.zero_grad()
-    loss, _ = total_loss(model(batch), batch.labels, teacher, cfg, EPOCH, generator)
+    loss, _ = total_loss(model(batch), batch.labels, batch.video_mask, teacher, cfg,
+                         loss_weights(cfg, EPOCH), generator, check=False)
     loss.backward()
     optimizer.step()
     return loss.item()
@@ -69,7 +71,7 @@ def main() -> None:
     mcfg = ModelConfig(video_dim=3072, query_dim=768, hidden=384)  # TVR dims, dropout 0.2
     lcfg = LossConfig()                                               # hard_pool 20, soft, dynamic
     torch.manual_seed(0)
-    ours_model = DualStudent(mcfg).train()
+    ours_model = DualStudent(mcfg, check_inputs=False).train()  # as in training
     base_model = copy.deepcopy(ours_model)
     ours_opt = build_optimizer(ours_model, OptimConfig())
     base_opt = build_optimizer(base_model, OptimConfig())
@@ -91,8 +93,8 @@ def main() -> None:
     ours_model.eval()
     base_model.eval()
     with torch.no_grad():
-        ours_loss, _ = total_loss(ours_model(batch), batch.labels, teacher, lcfg, EPOCH,
-                                  torch.Generator().manual_seed(7))
+        ours_loss, _ = total_loss(ours_model(batch), batch.labels, batch.video_mask, teacher,
+                                  lcfg, loss_weights(lcfg, EPOCH), torch.Generator().manual_seed(7))
         base_loss = reference_losses.total_loss(base_model, batch, teacher, lcfg, EPOCH,
                                                 torch.Generator().manual_seed(7))
     diff = abs(ours_loss.item() - base_loss.item())

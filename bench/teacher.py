@@ -30,6 +30,7 @@ from sharding.batch import Batch, collate
 from sharding.synthetic import World, WorldConfig
 from trainer.config import LossConfig, ModelConfig, OptimConfig, TeacherConfig
 from trainer.losses import total_loss
+from trainer.schedules import loss_weights
 from trainer.optim import build_optimizer
 from trainer.student import DualStudent
 from trainer.teacher import Teacher, build_teacher, param_fraction
@@ -74,7 +75,8 @@ def student_ms(batch: Batch, steps: int, teacher: Teacher) -> float:
 
     def step():
         opt.zero_grad()
-        loss, _ = total_loss(model(batch), batch.labels, targets, loss_cfg, EPOCH)
+        loss, _ = total_loss(model(batch), batch.labels, batch.video_mask, targets, loss_cfg,
+                             loss_weights(loss_cfg, EPOCH), check=False)
         loss.backward()
         opt.step()
     return median_ms(step, steps)

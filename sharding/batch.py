@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sharding.preprocess import chunk_bounds
+
 
 # Decoded shard arrays are read-only views; collate only reads them through torch.from_numpy,
 # so its "not writable" warning (set once here, not per call in the hot path) says nothing.
@@ -35,6 +37,9 @@ class VideoSample:
     teacher_frames: np.ndarray | None = None
     teacher_frame_emb: np.ndarray | None = None
     teacher_text_emb: np.ndarray | None = None
+    # (n, 2) int: source feature steps [start, end) behind each row of ``frames`` (where in the
+    # video a teacher frame for that row belongs); None = ``preprocess.step_rows(n_frames_orig)``.
+    step_rows: np.ndarray | None = None
 
 
 @dataclass
@@ -53,6 +58,10 @@ class Batch:
     teacher_frames: torch.Tensor | None = None     # (B, L, H, W, 3) uint8
     teacher_frame_emb: torch.Tensor | None = None  # (B, L, Dt) float32
     teacher_text_emb: torch.Tensor | None = None   # (Q, Dt) float32
+    # Flat indices of the valid positions of video_mask / query_mask, computed on the host so
+    # the student packs its inputs without a device-to-host sync.
+    video_rows: torch.Tensor | None = None
+    query_rows: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -65,9 +74,20 @@ class Batch:
 
 
 def align_index(n_teacher: int, n_student: int) -> np.ndarray:
-    """Teacher frame shown at each of ``n_student`` evenly spaced time steps (nearest centre)."""
+    """Teacher frame shown at each of ``n_student`` student rows.
+
+    Equal counts map one to one: ``dldkd shard msssl`` and ``shard frames`` put both streams on
+    one grid. More teacher frames (one per source step, as the synthetic world writes them): the
+    frame at the centre of each row's chunk (``preprocess.chunk_bounds``, the chunks the student
+    rows were averaged over). Fewer: the nearest of evenly spaced centres.
+    """
     if n_teacher <= 0 or n_student <= 0:
         raise ValueError(f"cannot align {n_teacher} teacher frames to {n_student} student frames")
+    if n_teacher == n_student:
+        return np.arange(n_student)
+    if n_teacher > n_student:
+        starts, ends = chunk_bounds(n_teacher, n_student)
+        return np.minimum((starts + ends) // 2, n_teacher - 1)
     centres = (np.arange(n_student) + 0.5) * n_teacher / n_student
     return np.minimum(centres.astype(np.int64), n_teacher - 1)
 
@@ -126,17 +146,34 @@ def collate(samples: list[VideoSample], max_words: int = 30) -> Batch:
                 t_temb[q] = s.teacher_text_emb[c]
             q += 1
 
+    video_ids = [s.video_id for s in samples]
+    _check_finite(video_feats, video_ids, "frame features")
+    _check_finite(query_feats, [s.video_id for s in samples for _ in s.cap_ids],
+                  "caption token features")
+
     def t(a):
         return None if a is None else torch.from_numpy(a)
 
     return Batch(
         video_feats=video_feats, video_mask=torch.from_numpy(video_mask),
         query_feats=query_feats, query_mask=torch.from_numpy(query_mask),
-        labels=torch.from_numpy(labels), video_ids=[s.video_id for s in samples],
+        video_rows=torch.from_numpy(np.flatnonzero(video_mask)),
+        query_rows=torch.from_numpy(np.flatnonzero(query_mask)),
+        labels=torch.from_numpy(labels), video_ids=video_ids,
         cap_ids=[c for s in samples for c in s.cap_ids],
         captions=[c for s in samples for c in s.captions],
         teacher_index=torch.from_numpy(teacher_index), teacher_frames=t(t_frames),
         teacher_frame_emb=t(t_femb), teacher_text_emb=t(t_temb))
+
+
+def _check_finite(x: torch.Tensor, ids: list[str], what: str) -> None:
+    """Training never meets NaN/inf inputs: they are refused here, naming the video."""
+    if torch.isfinite(x).all():
+        return
+    bad = (~torch.isfinite(x.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+    names = sorted({ids[i] for i in bad})
+    raise ValueError(f"non-finite {what} in videos {names[:5]}: the shards hold NaN or inf; "
+                     f"rewrite them from the source features")
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:

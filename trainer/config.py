@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from trainer.storage import is_remote
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key, the value and what is allowed."""
@@ -53,6 +55,24 @@ class LossConfig:
     kd: str = "dynamic"
     kd_schedule: str = "exp_down"
     kd_static_weight: float = 0.1
+    # lambda(e) = kd_weight * shape(e) for every named shape (the reference's kl_intra_weight).
+    kd_weight: float = 0.1
+    # Shape constants (docs/method.md): exp_down base^e; linear max(1 - slope e, floor);
+    # sigmoid k / (k + exp(100 e / k)); exp_up clip(1 - base^e, exp_up_min, 1).
+    kd_exp_base: float = 0.95
+    kd_linear_slope: float = 0.01
+    kd_linear_floor: float = 0.05
+    kd_sigmoid_k: float = 800.0
+    kd_exp_up_min: float = 0.01
+    # sigma(e) = k / (k + exp(e / tau)); alpha = scale sigma; beta = max(scale sigma, beta_floor).
+    soft_sigma_k: float = 800.0
+    soft_sigma_tau: float = 8.0
+    soft_scale: float = 0.8
+    soft_beta_floor: float = 0.5
+    # Schedule horizon: 0 = schedules run on real epochs (the paper); H > 0 maps the run's
+    # progress (step / total steps) onto schedule epochs [0, H), so a short run traverses the
+    # same lambda/alpha/beta trajectory as an H-epoch one.
+    schedule_epochs: float = 0.0
     # "soft" = DL-DKD++ dynamic soft targets; "hard" = DL-DKD InfoNCE.
     targets: str = "soft"
     # Control for the ablation: permute the teacher's targets across the batch.
@@ -121,6 +141,9 @@ class TrainConfig:
     seed: int = 9527
     max_eval_queries: int = 0
     deterministic: bool = False
+    # Re-check tensor values inside the step (labels, NaN, empty masks): each check is a
+    # device-to-host sync, so it is off in training; inputs are validated where they enter.
+    debug: bool = False
 
 
 @dataclass
@@ -141,7 +164,8 @@ class DistConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow: empty uri = a SQLite file under the run folder, or $MLFLOW_TRACKING_URI."""
+    """MLflow: empty uri = $MLFLOW_TRACKING_URI where the config is loaded, else a SQLite file
+    under the run folder."""
 
     uri: str = ""
     experiment: str = "dldkd"
@@ -214,6 +238,17 @@ RANGES: list[tuple[str, float, float, bool]] = [
     ("loss.nce_weight", 0, float("inf"), True),
     ("loss.kd_temp", 0, float("inf"), False),
     ("loss.kd_static_weight", 0, float("inf"), True),
+    ("loss.kd_weight", 0, float("inf"), True),
+    ("loss.kd_exp_base", 0, 1, False),
+    ("loss.kd_linear_slope", 0, float("inf"), True),
+    ("loss.kd_linear_floor", 0, 1, True),
+    ("loss.kd_sigmoid_k", 0, float("inf"), False),
+    ("loss.kd_exp_up_min", 0, 1, True),
+    ("loss.soft_sigma_k", 0, float("inf"), False),
+    ("loss.soft_sigma_tau", 0, float("inf"), False),
+    ("loss.soft_scale", 0, 1, True),
+    ("loss.soft_beta_floor", 0, 1, True),
+    ("loss.schedule_epochs", 0, float("inf"), True),
     ("optim.lr", 0, 1, False),
     ("optim.eps", 0, 1, False),
     ("optim.weight_decay", 0, 1, True),
@@ -255,11 +290,11 @@ def validate(cfg: Config) -> None:
         if not ok:
             bracket = "[" if inclusive else "("
             raise ConfigError(f"{key}={value!r} is out of range; allowed {bracket}{low}, {high}]")
-    from trainer.schedules import KD_SCHEDULES  # local: schedules imports nothing of ours
+    from trainer.schedules import KD_SHAPES  # local: schedules imports nothing of ours
 
-    if cfg.loss.kd_schedule not in KD_SCHEDULES:
+    if cfg.loss.kd_schedule not in KD_SHAPES:
         raise ConfigError(f"loss.kd_schedule={cfg.loss.kd_schedule!r} is not a schedule; "
-                          f"choose one of {sorted(KD_SCHEDULES)}")
+                          f"choose one of {sorted(KD_SHAPES)}")
     if cfg.model.hidden % cfg.model.heads:
         raise ConfigError(f"model.hidden={cfg.model.hidden} must be divisible by "
                           f"model.heads={cfg.model.heads}")
@@ -268,10 +303,11 @@ def validate(cfg: Config) -> None:
                           f"the teacher (got {cfg.dist.num_workers}); use 'replicated'")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
-    if "://" in cfg.run.storage and not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+    if is_remote(cfg.run.storage) and not cfg.tracking.uri:
         raise ConfigError(f"run.storage={cfg.run.storage!r} is remote, so the default MLflow store "
                           "(a SQLite file in the run folder) has nowhere to live: set tracking.uri "
-                          "(e.g. http://mlflow:5000) or $MLFLOW_TRACKING_URI")
+                          "(e.g. http://mlflow:5000), or $MLFLOW_TRACKING_URI where the config "
+                          "is loaded")
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
 
@@ -405,10 +441,27 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
                 ) -> Config:
-    """YAML file (optional) + ``key.sub=value`` overrides -> validated Config."""
+    """YAML file (optional) + ``key.sub=value`` overrides + this process's environment
+    (:func:`resolve_environment`) -> validated Config."""
     tree = load_yaml(path) if path else {}
     tree.pop("sweep", None)  # a sweep file's search space is read by launch.sweep
-    return from_dict(apply_overrides(tree, parse_overrides(overrides or [])))
+    return from_dict(resolve_environment(apply_overrides(tree, parse_overrides(overrides or []))))
+
+
+# Keys that fall back to an environment variable when empty. The value is written into the config
+# where it is loaded (the driver), so workers, whose environment may differ, get the same config.
+ENV_FALLBACKS = {"tracking.uri": "MLFLOW_TRACKING_URI"}
+
+
+def resolve_environment(tree: dict[str, Any], environ: dict[str, str] | None = None
+                        ) -> dict[str, Any]:
+    """Fill empty ``ENV_FALLBACKS`` keys of a config tree from ``environ`` (default os.environ)."""
+    environ = os.environ if environ is None else environ
+    for key, var in ENV_FALLBACKS.items():
+        section, name = key.split(".")
+        if not (tree.get(section) or {}).get(name) and environ.get(var):
+            apply_overrides(tree, {key: environ[var]})
+    return tree
 
 
 def parse_overrides(overrides: list[str] | dict[str, Any]) -> dict[str, Any]:

@@ -79,10 +79,22 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def comm_device() -> torch.device:
+    """Where this process group's collectives run: the current CUDA device under NCCL (which
+    accepts only CUDA tensors), the CPU under gloo or without a group."""
+    if (torch_dist.is_available() and torch_dist.is_initialized()
+            and torch_dist.get_backend() == "nccl"):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
-    return t
+    """The sum of ``t`` over ranks, returned on ``t``'s device (reduced on :func:`comm_device`)."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return t
+    x = t.to(comm_device())
+    torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
+    return x.to(t.device)
 
 
 def gather_ints(value: int, world_size: int) -> list[int]:
@@ -91,17 +103,3 @@ def gather_ints(value: int, world_size: int) -> list[int]:
     out = torch.zeros(world_size, dtype=torch.int64)
     out[rank] = value
     return all_reduce_sum(out).tolist()
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return t
-
-
-def broadcast_object(obj, src: int = 0):
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        box = [obj]
-        torch_dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj

@@ -1,27 +1,37 @@
-"""The losses of SPEC 5 as pure, vectorised functions (SPEC 9), and the DL-DKD / DL-DKD++ totals.
+"""The losses of the method (docs/method.md) as pure, vectorised functions, and the DL-DKD /
+DL-DKD++ totals.
 
 Every term works on whole (Q, B) or (Q, B, L) tensors: no Python loop over queries or videos, no
 copy of a score matrix, no anomaly mode. ``labels[i]`` is the batch index of query i's video and
-the batch is in SPEC 5 order (videos by caption count, descending; a video's queries contiguous),
+the batch is in collate order (videos by caption count, descending; a video's queries contiguous),
 which the soft-target split into hard and soft rows relies on.
+
+Value checks (label ranges, NaN, empty masks) each cost a device-to-host sync, so they run only
+with ``check=True``: the default for direct calls, off in the training step (``train.debug``),
+where the reader and collate have validated the inputs already.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.config import LossConfig
-from trainer.schedules import kd_weight, soft_alpha, soft_beta
-
-if TYPE_CHECKING:
-    from trainer.student import BranchScores
+from trainer.schedules import LossWeights
 
 # Score given to padded frames before a max or softmax over frames (the reference's mask_logits).
 PAD_SCORE = -1e10
+
+
+class BranchScores(NamedTuple):
+    """One student branch's scores: the loss's input."""
+
+    cos: Tensor  # (Q, B, L) frame cosines, padded frames = PAD_SCORE
+    S: Tensor    # (Q, B) cosine max over valid frames
+    U: Tensor    # (Q, B) raw dot-product max over valid frames
 
 
 class TeacherTargets(NamedTuple):
@@ -30,14 +40,17 @@ class TeacherTargets(NamedTuple):
 
 
 def triplet(S: Tensor, labels: Tensor, margin: float, hard_pool: int,
-            generator: torch.Generator | None = None) -> Tensor:
+            generator: torch.Generator | None = None, hard_video: bool = True,
+            check: bool = True) -> Tensor:
     """Bidirectional max-margin ranking on cosine S (Q, B).
 
     Query side: the negative is drawn uniformly from the ``hard_pool`` best other videos
     (``hard_pool=1``: the hardest, deterministic; ``hard_pool >= B - 1``: any other video).
-    Video side: mean positive score against the hardest other query.
+    Video side: mean positive score against the hardest other query, or (``hard_video=False``,
+    before hard negatives start, as the reference) one other video's query drawn uniformly.
+    Draw order on ``generator``: the query side's ranks, then the video side's noise.
     """
-    Q, B = _check_scores("S", S, labels)
+    Q, B = _check_scores("S", S, labels, check)
     if B < 2:
         raise ValueError("triplet needs at least 2 videos in the batch to draw negatives")
     if hard_pool < 1:
@@ -59,19 +72,26 @@ def triplet(S: Tensor, labels: Tensor, margin: float, hard_pool: int,
 
     counts = pos.sum(dim=0)
     video_pos = (S * pos).sum(dim=0) / counts
-    video_neg = S.masked_fill(pos, -math.inf).amax(dim=0)
+    if hard_video:
+        video_neg = S.masked_fill(pos, -math.inf).amax(dim=0)
+    else:  # argmax of i.i.d. uniform noise over the other videos' queries: a uniform pick
+        noise = torch.rand(Q, B, generator=generator,
+                           device=_gen_device(generator, S)).to(S.device)
+        pick = noise.masked_fill(pos, -1.0).argmax(dim=0)
+        video_neg = S[pick, torch.arange(B, device=S.device)]
     video_side = (margin + video_neg - video_pos).clamp(min=0).sum() / B
     return query_side + video_side
 
 
-def nce(U: Tensor, labels: Tensor) -> Tensor:
+def nce(U: Tensor, labels: Tensor, check: bool = True) -> Tensor:
     """InfoNCE with hard targets on raw U (temperature 1), query-to-video plus video-to-query."""
-    _check_scores("U", U, labels)
+    _check_scores("U", U, labels, check)
     r, c = _hard_rows(U, labels, _onehot(labels, U.shape[1]))
     return r.mean() + c.mean()
 
 
-def soft_nce(U: Tensor, T: Tensor, labels: Tensor, alpha: float, beta: float) -> Tensor:
+def soft_nce(U: Tensor, T: Tensor, labels: Tensor, alpha: float, beta: float,
+             check: bool = True) -> Tensor:
     """DL-DKD++ InfoNCE: the first floor(alpha Q) queries / floor(alpha B) videos keep one-hot
     targets, the rest mix (1 - beta) softmax(T) with beta one-hot.
 
@@ -79,11 +99,12 @@ def soft_nce(U: Tensor, T: Tensor, labels: Tensor, alpha: float, beta: float) ->
     the target too, as in the reference. Hard rows use the exact indicator, so alpha = 1 is
     exactly ``nce``; soft video rows keep the reference's log(target + 1e-12).
     """
-    Q, B = _check_scores("U", U, labels)
+    Q, B = _check_scores("U", U, labels, check)
     if tuple(T.shape) != (Q, B):
         raise ValueError(f"soft_nce target source T has shape {tuple(T.shape)}, expected "
                          f"{(Q, B)} like U")
-    _check_finite("T", T)
+    if check:
+        _check_finite("T", T)
     if not (0.0 <= alpha <= 1.0 and 0.0 <= beta <= 1.0):
         raise ValueError(f"soft_nce needs alpha, beta in [0, 1], got alpha={alpha}, beta={beta}")
     pos = _onehot(labels, B)
@@ -104,12 +125,12 @@ def soft_nce(U: Tensor, T: Tensor, labels: Tensor, alpha: float, beta: float) ->
 
 
 def kd(student_cos: Tensor, teacher_cos: Tensor, frame_mask: Tensor, labels: Tensor,
-       temp: float) -> Tensor:
+       temp: float, check: bool = True) -> Tensor:
     """Sum over queries of KL(P_T || P_S) over the valid frames of the query's own video."""
     if student_cos.dim() != 3:
         raise ValueError(f"kd student_cos must be (Q, B, L), got {tuple(student_cos.shape)}")
     Q, B, L = student_cos.shape
-    _check_labels(labels, Q, B)
+    _check_labels(labels, Q, B, check)
     if tuple(teacher_cos.shape) != (Q, B, L):
         raise ValueError(f"kd teacher_cos has shape {tuple(teacher_cos.shape)}, expected "
                          f"{(Q, B, L)} like student_cos (teacher frames must be aligned to the "
@@ -118,12 +139,13 @@ def kd(student_cos: Tensor, teacher_cos: Tensor, frame_mask: Tensor, labels: Ten
         raise ValueError(f"kd frame_mask has shape {tuple(frame_mask.shape)}, expected {(B, L)}")
     if temp <= 0:
         raise ValueError(f"kd temperature must be > 0, got {temp}")
-    _check_finite("student_cos", student_cos)
-    _check_finite("teacher_cos", teacher_cos)
     rows = torch.arange(Q, device=student_cos.device)
     valid = frame_mask[labels] > 0
-    if not valid.any(dim=1).all():
-        raise ValueError("kd: a query's video has no valid frame in frame_mask")
+    if check:
+        _check_finite("student_cos", student_cos)
+        _check_finite("teacher_cos", teacher_cos)
+        if not valid.any(dim=1).all():
+            raise ValueError("kd: a query's video has no valid frame in frame_mask")
     s = student_cos[rows, labels].masked_fill(~valid, -math.inf)
     t = teacher_cos[rows, labels].masked_fill(~valid, -math.inf)
     log_ps = torch.log_softmax(s / temp, dim=1)
@@ -132,14 +154,17 @@ def kd(student_cos: Tensor, teacher_cos: Tensor, frame_mask: Tensor, labels: Ten
     return kl.sum()
 
 
-def total_loss(scores: dict[str, BranchScores], labels: Tensor, teacher: TeacherTargets | None,
-               cfg: LossConfig, epoch: int, generator: torch.Generator | None = None
-               ) -> tuple[Tensor, dict[str, float]]:
+def total_loss(scores: dict[str, BranchScores], labels: Tensor, video_mask: Tensor,
+               teacher: TeacherTargets | None, cfg: LossConfig, weights: LossWeights,
+               generator: torch.Generator | None = None, check: bool = True
+               ) -> tuple[Tensor, dict[str, Tensor]]:
     """DL-DKD (``targets="hard"``) or DL-DKD++ (``"soft"``) over the branches present.
 
-    Per branch: trip(S) + nce_weight * nce-or-snce(U); the inheritance branch adds lambda(e) KD and
-    takes its soft targets from the teacher's T, the exploration branch from its own U. Returns
-    the loss and every unweighted term as floats, with the lambda/alpha/beta used.
+    Per branch: trip(S) + nce_weight * nce-or-snce(U); the inheritance branch adds lambda KD and
+    takes its soft targets from the teacher's T, the exploration branch from its own U. ``weights``
+    (lambda, alpha, beta, hard negatives) come from :func:`trainer.schedules.loss_weights`.
+    Returns the loss and every unweighted term as a detached 0-dim tensor (read them only when
+    logging: each read is a device-to-host sync).
     """
     unknown = set(scores) - {"inh", "exp"}
     if not scores or unknown:
@@ -156,35 +181,26 @@ def total_loss(scores: dict[str, BranchScores], labels: Tensor, teacher: Teacher
                                   device=_gen_device(generator, teacher.T)).to(teacher.T.device)
             teacher = TeacherTargets(tau=teacher.tau[perm], T=teacher.T[perm])
     B = next(iter(scores.values())).S.shape[1]
-    pool = cfg.hard_pool if epoch >= cfg.hard_negative_start_epoch else B - 1
-    alpha, beta = (soft_alpha(epoch), soft_beta(epoch)) if soft else (1.0, 1.0)
-    lam = 0.0
-    if kd_on and "inh" in scores:
-        lam = kd_weight(epoch, cfg.kd_schedule) if cfg.kd == "dynamic" else cfg.kd_static_weight
+    pool = cfg.hard_pool if weights.hard_negatives else B - 1
 
     terms: dict[str, Tensor] = {}
     loss = None
     for name, sc in scores.items():
-        trip = triplet(sc.S, labels, cfg.margin, pool, generator)
+        trip = triplet(sc.S, labels, cfg.margin, pool, generator, weights.hard_negatives, check)
         if soft:
             source = teacher.T if name == "inh" else sc.U
-            contrast = soft_nce(sc.U, source, labels, alpha, beta)
+            contrast = soft_nce(sc.U, source, labels, weights.alpha, weights.beta, check)
         else:
-            contrast = nce(sc.U, labels)
+            contrast = nce(sc.U, labels, check)
         branch = trip + cfg.nce_weight * contrast
         terms[f"{name}_trip"], terms[f"{name}_nce"] = trip, contrast
         if name == "inh" and kd_on:
-            distill = kd(sc.cos, teacher.tau, sc.cos[0] > PAD_SCORE / 2, labels, cfg.kd_temp)
-            branch = branch + lam * distill
+            distill = kd(sc.cos, teacher.tau, video_mask, labels, cfg.kd_temp, check)
+            branch = branch + weights.kd * distill
             terms["inh_kd"] = distill
         loss = branch if loss is None else loss + branch
     terms["loss"] = loss
-    values = torch.stack([t.detach().double() for t in terms.values()]).tolist()
-    out = dict(zip(terms, values))
-    out["lambda"] = lam
-    if soft:
-        out["alpha"], out["beta"] = alpha, beta
-    return loss, out
+    return loss, {k: v.detach() for k, v in terms.items()}
 
 
 def _hard_rows(U: Tensor, labels: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,12 +218,14 @@ def _gen_device(generator: torch.Generator | None, like: Tensor) -> torch.device
     return generator.device if generator is not None else like.device
 
 
-def _check_labels(labels: Tensor, Q: int, B: int) -> None:
+def _check_labels(labels: Tensor, Q: int, B: int, check: bool = True) -> None:
     if labels.dtype != torch.long or tuple(labels.shape) != (Q,):
         raise ValueError(f"labels must be a LongTensor of shape ({Q},), got {labels.dtype} "
                          f"{tuple(labels.shape)}")
     if Q == 0 or B == 0:
         raise ValueError(f"empty batch: {Q} queries, {B} videos")
+    if not check:
+        return
     low, high = labels.min().item(), labels.max().item()
     if low < 0 or high >= B:
         raise ValueError(f"labels out of range: values in [{low}, {high}] but the batch has "
@@ -217,12 +235,13 @@ def _check_labels(labels: Tensor, Q: int, B: int) -> None:
                          "with all their captions)")
 
 
-def _check_scores(name: str, X: Tensor, labels: Tensor) -> tuple[int, int]:
+def _check_scores(name: str, X: Tensor, labels: Tensor, check: bool = True) -> tuple[int, int]:
     if X.dim() != 2:
         raise ValueError(f"{name} must be (Q, B), got shape {tuple(X.shape)}")
     Q, B = X.shape
-    _check_labels(labels, Q, B)
-    _check_finite(name, X)
+    _check_labels(labels, Q, B, check)
+    if check:
+        _check_finite(name, X)
     return Q, B
 
 

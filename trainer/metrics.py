@@ -24,11 +24,6 @@ from sharding.batch import VideoSample
 
 RECALL_AT = (1, 5, 10, 100)
 NORM_EPS = 1e-12
-# Below about 16 rows the CPU BLAS switches to small-matrix kernels that round differently, so a
-# tail chunk of 1 query would score a hair off the same query in a big chunk. Every matmul here
-# (and every student call) gets at least this many rows, padded and cut off again, which keeps
-# scores bit-identical whatever the chunk sizes.
-MIN_ROWS = 16
 
 
 def ranks_from_scores(scores: Tensor, gt: Tensor) -> Tensor:
@@ -270,8 +265,13 @@ def encoded_from_embeddings(queries: Mapping[str, Tensor], videos: Mapping[str, 
 
 @torch.no_grad()
 def encode_gallery(student: nn.Module, gallery: EvalGallery, query_chunk: int = 1024,
-                   video_chunk: int = 32, device: str | torch.device = "cpu") -> EncodedGallery:
-    """Encode every video and query once, in chunks, in eval mode (training mode restored)."""
+                   video_chunk: int = 32, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> EncodedGallery:
+    """Encode every video and query once, in chunks, in eval mode (training mode restored).
+
+    The student runs in ``dtype``, the precision it trains in (bf16 under DeepSpeed bf16);
+    embeddings, scores and ranks are float32.
+    """
     _check_student_dims(student, gallery)
     weights = branch_weights(student)
     was_training = student.training
@@ -281,9 +281,9 @@ def encode_gallery(student: nn.Module, gallery: EvalGallery, query_chunk: int = 
         chunks, sizes = [], []
         for start in range(0, gallery.num_videos, video_chunk):
             idx = order[start:start + video_chunk]
-            feats = gallery.video_feats[idx].to(device, torch.float32)
+            feats = gallery.video_feats[idx].to(device, dtype)
             mask = gallery.video_mask[idx].to(device, torch.float32)
-            out = student.encode_videos(_pad_rows(feats), _pad_rows(mask))
+            out = student.encode_videos(feats, mask)
             _check_branches(out, weights, "encode_videos")
             lengths = chunk_lengths(mask)
             lc = int(lengths.max())
@@ -293,9 +293,9 @@ def encode_gallery(student: nn.Module, gallery: EvalGallery, query_chunk: int = 
         parts: dict[str, list[Tensor]] = {b: [] for b in weights}
         for start in range(0, gallery.num_queries, query_chunk):
             sl = slice(start, start + query_chunk)
-            feats = gallery.query_feats[sl].to(device, torch.float32)
+            feats = gallery.query_feats[sl].to(device, dtype)
             qmask = gallery.query_mask[sl].to(device, torch.float32)
-            out = student.encode_queries(_pad_rows(feats), _pad_rows(qmask))
+            out = student.encode_queries(feats, qmask)
             _check_branches(out, weights, "encode_queries")
             for b in weights:
                 parts[b].append(out[b][:len(feats)])
@@ -336,9 +336,11 @@ def score_matrix(enc: EncodedGallery, query_chunk: int = 1024) -> Tensor:
 
 
 def evaluate(student: nn.Module, gallery: EvalGallery, query_chunk: int = 1024,
-             video_chunk: int = 32, device: str | torch.device = "cpu") -> dict[str, float]:
-    """SPEC 1 metrics of a student on a gallery: encode once, score in blocks, rank, summarise."""
-    enc = encode_gallery(student, gallery, query_chunk, video_chunk, device)
+             video_chunk: int = 32, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """The retrieval metrics of a student on a gallery: encode once, score in blocks, rank,
+    summarise."""
+    enc = encode_gallery(student, gallery, query_chunk, video_chunk, device, dtype)
     return rank_metrics(rank_counts(enc, query_chunk=query_chunk))
 
 
@@ -351,19 +353,11 @@ def _fused_strip(enc: EncodedGallery, start: int, stop: int) -> Tensor:
     for chunk, size in zip(enc.video_chunks, enc.chunk_sizes):
         block = None
         for b, w in enc.weights.items():
-            dots = _pad_rows(enc.queries[b][start:stop]) @ _pad_rows(chunk[b]).T
-            s = dots[:n, :chunk[b].shape[0]].reshape(n, size, -1).amax(dim=-1)
+            s = (enc.queries[b][start:stop] @ chunk[b].T).view(n, size, -1).amax(dim=-1)
             block = w * s if block is None else block.add_(w * s)
         strip[:, col:col + size] = block
         col += size
     return strip
-
-
-def _pad_rows(x: Tensor) -> Tensor:
-    """``x`` with row 0 repeated up to MIN_ROWS rows (callers cut the extra outputs off)."""
-    if x.shape[0] >= MIN_ROWS:
-        return x
-    return torch.cat([x, x[:1].expand(MIN_ROWS - x.shape[0], *x.shape[1:])])
 
 
 def _encoded(queries: dict[str, Tensor], chunks: list[dict[str, Tensor]], sizes: list[int],

@@ -39,9 +39,11 @@ class BertAdam(torch.optim.Optimizer):
                     continue
                 grad = p.grad
                 if group["max_grad_norm"] > 0:
+                    # Scale only tensors over the limit, selected on the device (an `if` on
+                    # the norm would be a device-to-host sync per tensor).
+                    limit = group["max_grad_norm"]
                     norm = grad.norm()
-                    if norm > group["max_grad_norm"]:
-                        grad = grad * (group["max_grad_norm"] / (norm + 1e-6))
+                    grad = grad * torch.where(norm > limit, limit / (norm + 1e-6), 1.0)
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
@@ -21,12 +19,12 @@ import torch
 from tqdm import tqdm
 
 from trainer import checkpoint as ckpt
-from trainer import dist
+from trainer import best, dist, storage
 from trainer.config import Config, save_yaml
 from trainer.engine import build_engine
 from trainer.losses import total_loss
 from trainer.metrics import EvalGallery, build_gallery, encode_gallery, rank_counts, rank_metrics
-from trainer.schedules import kd_weight, soft_alpha, soft_beta
+from trainer.schedules import LossWeights, loss_weights, schedule_epoch
 from trainer.student import DualStudent
 from trainer.tracking import Tracker, resolve_uri
 
@@ -34,7 +32,11 @@ log = logging.getLogger("dldkd")
 
 
 class Reporter(Protocol):
-    """Where checkpoints go and how a finished one is announced (Ray or plain files)."""
+    """Where checkpoints go and how progress is announced (Ray or plain files).
+
+    ``report`` is called by every rank at every evaluation and every checkpoint: ``staged`` is
+    the checkpoint folder, or None for an evaluation without one (schedulers such as ASHA act on
+    each evaluation). A report without an evaluation carries no ``val/*`` metrics."""
 
     def restore_dir(self) -> Path | None: ...
     def staging_dir(self, step: int) -> Path: ...
@@ -65,14 +67,6 @@ class LocalReporter:
         dist.barrier()
 
 
-def run_dir(cfg: Config) -> Path:
-    """The run's local folder (config, best weights, MLflow spool); a temp folder when
-    ``run.storage`` is a URI (checkpoints then go to the URI through Ray, best weights to MLflow)."""
-    if "://" in cfg.run.storage:
-        return Path(tempfile.gettempdir()) / "dldkd" / cfg.run.name
-    return Path(cfg.run.storage) / cfg.run.name
-
-
 class Recipe:
     def __init__(self, cfg: Config, reporter: Reporter | None = None,
                  device: torch.device | None = None, use_deepspeed: bool = True, *,
@@ -94,8 +88,12 @@ class Recipe:
         self.device = self.dist.device
         self.dtype = torch.bfloat16 if cfg.dist.precision == "bf16" else torch.float32
         _seed_everything(cfg.train.seed + self.dist.rank, cfg.train.deterministic)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * self.dist.rank)
-        self.dir = run_dir(cfg)
+        # On the device, so the loss's random draws need no host-to-device copy.
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            cfg.train.seed + 7919 * self.dist.rank)
+        # Scratch on this node (spool, a cached best/); durable files under the run's storage.
+        self.dir = storage.local_run_dir(cfg.run.storage, cfg.run.name)
+        self.best_uri = storage.join(storage.run_location(cfg.run.storage, cfg.run.name), "best")
         if self.reporter is None:
             self.reporter = LocalReporter(self.dir / "checkpoints", self.dist.is_main,
                                           cfg.run.resume)
@@ -115,7 +113,7 @@ class Recipe:
         if self.gallery is None and cfg.data.val:
             self.gallery = self._load_gallery(cfg.data.val)
 
-        self.student = DualStudent(cfg.model)
+        self.student = DualStudent(cfg.model, check_inputs=cfg.train.debug)
         self.engine = build_engine(cfg, self.student, self.total_steps, self.dist.world_size,
                                    self.use_deepspeed)
         self.teacher = None
@@ -171,23 +169,33 @@ class Recipe:
         bar = tqdm(total=self.total_steps, initial=st.step, unit="step", dynamic_ncols=True,
                    disable=not (self.dist.is_main and sys.stderr.isatty()))
         self.engine.train()
+        # The first step whose loss was not finite, kept on the device and read only where the
+        # loop reads values anyway (log, eval, checkpoint), so no step waits for the device.
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         while st.epoch < cfg.train.epochs and not st.stopped_early:
             batches = self.reader.epoch(st.epoch, st.step_in_epoch)
             while st.step_in_epoch < self.steps_per_epoch:
                 with timer("data"):
                     batch = next(batches)
-                terms = self.train_step(batch, st.epoch, timer)
+                weights = self.weights()
+                terms = self.train_step(batch, weights, timer)
                 st.step += 1
                 st.step_in_epoch += 1
                 bar.update(1)
                 timer.count(batch.num_videos * self.dist.world_size)
+                evaluate = st.step % eval_every == 0 or st.step == self.total_steps
+                save = st.step % ckpt_every == 0 or st.step == self.total_steps
+                if st.step % cfg.train.log_every == 0 or st.step == 1 or evaluate or save:
+                    self._raise_if_diverged()
                 if st.step % cfg.train.log_every == 0 or st.step == 1:
-                    self._log_step(terms, timer)
+                    self._log_step(terms, weights, timer)
                 metrics = None
-                if st.step % eval_every == 0 or st.step == self.total_steps:
+                if evaluate:
                     metrics = self.evaluate_and_track()
-                if st.step % ckpt_every == 0 or st.stopped_early or st.step == self.total_steps:
+                if save or st.stopped_early:
                     self.save(metrics or {"step": st.step})
+                elif metrics:  # Tune and early stopping hear every evaluation
+                    self.reporter.report(metrics, None, st.step)
                 if st.stopped_early:
                     break
             batches.close()
@@ -197,18 +205,14 @@ class Recipe:
         bar.close()
         return st
 
-    def schedule(self, epoch: int) -> dict[str, float]:
-        loss = self.cfg.loss
-        out = {"epoch": float(epoch)}
-        if loss.kd == "dynamic":
-            out["lambda"] = kd_weight(epoch, loss.kd_schedule)
-        elif loss.kd == "static":
-            out["lambda"] = loss.kd_static_weight
-        if loss.targets == "soft":
-            out["alpha"], out["beta"] = soft_alpha(epoch), soft_beta(epoch)
-        return out
+    def weights(self) -> LossWeights:
+        """This step's lambda/alpha/beta (one pure function of the config and progress)."""
+        cfg, st = self.cfg, self.state
+        at = schedule_epoch(st.epoch, st.step, self.total_steps, cfg.loss)
+        return loss_weights(cfg.loss, st.epoch, at, inheritance="inh" in self.student.branch_names)
 
-    def train_step(self, batch, epoch: int, timer: "_Timer") -> dict[str, float]:
+    def train_step(self, batch, weights: LossWeights, timer: "_Timer") -> dict[str, torch.Tensor]:
+        """One optimiser step; returns the loss terms as device tensors (no host sync)."""
         batch = _to_device(batch, self.device, self.dtype)
         targets = None
         if self.teacher is not None:
@@ -216,17 +220,22 @@ class Recipe:
                 targets = self.teacher.targets(batch)
         with timer("student"):
             scores = self.engine(batch)
-            if self.cfg.dist.precision == "bf16":
-                scores = {k: type(v)(*(t.float() for t in v)) for k, v in scores.items()}
-            loss, terms = total_loss(scores, batch.labels, targets, self.cfg.loss, epoch,
-                                     self.generator)
-            if not math.isfinite(terms["loss"]):
-                raise FloatingPointError(
-                    f"loss became {terms['loss']} at step {self.state.step} (epoch {epoch}); "
-                    "lower optim.lr or check the input features")
+            loss, terms = total_loss(scores, batch.labels, batch.video_mask, targets,
+                                     self.cfg.loss, weights, self.generator,
+                                     check=self.cfg.train.debug)
+            bad = ~torch.isfinite(terms["loss"]) & (self.first_bad_step < 0)
+            self.first_bad_step = torch.where(bad, self.state.step + 1, self.first_bad_step)
             self.engine.backward(loss)
             self.engine.step()
         return terms
+
+    def _raise_if_diverged(self) -> None:
+        """Stop at the first read after a non-finite loss, before it is logged or saved."""
+        bad = int(self.first_bad_step.item())
+        if bad >= 0:
+            raise FloatingPointError(
+                f"loss became non-finite at step {bad} (noticed at step {self.state.step}, "
+                f"epoch {self.state.epoch}); lower optim.lr or check the input features")
 
     def evaluate_and_track(self) -> dict[str, float]:
         """Gallery metrics (work shared across ranks), early stopping on SumR, best weights."""
@@ -255,7 +264,7 @@ class Recipe:
     @torch.no_grad()
     def evaluate(self, gallery: EvalGallery) -> dict[str, float]:
         with _gathered(self.engine, self.cfg.dist.zero_stage):
-            enc = encode_gallery(self.student, gallery, device=self.device)
+            enc = encode_gallery(self.student, gallery, device=self.device, dtype=self.dtype)
         n = enc.num_queries
         lo = n * self.dist.rank // self.dist.world_size
         hi = n * (self.dist.rank + 1) // self.dist.world_size
@@ -270,7 +279,7 @@ class Recipe:
         staged = self.reporter.staging_dir(st.step)
         staged.mkdir(parents=True, exist_ok=True)
         client = {"train_state": st.to_dict(), "world_size": self.dist.world_size,
-                  "schedule": self.schedule(st.epoch)}
+                  "schedule": self.weights().as_dict()}
         self.engine.save_checkpoint(str(staged), ckpt.ENGINE_TAG, client_state=client)
         ckpt.save_rank_rng(staged, self.dist.rank, ckpt.rng_state(self.generator))
         if self.dist.is_main:
@@ -280,30 +289,26 @@ class Recipe:
     def _save_best(self, metrics: dict) -> None:
         with _gathered(self.engine, self.cfg.dist.zero_stage):
             if self.dist.is_main:
-                best = self.dir / "best"
-                best.mkdir(parents=True, exist_ok=True)
                 weights = {k: v.detach().float().cpu() for k, v in self.student.state_dict().items()}
-                tmp = best / "student.pt.tmp"
-                torch.save(weights, tmp)
-                tmp.replace(best / "student.pt")
-                save_yaml(self.cfg, best / "config.yaml")
-                (best / "metrics.json").write_text(
-                    json.dumps({"step": self.state.step, **metrics}, indent=1))
+                best.save(self.best_uri, self.dir / "best", weights, self.cfg.to_dict(),
+                          {"step": self.state.step, **metrics})
 
     def test(self) -> dict[str, float]:
-        """The best weights on the test split, once, on rank 0; logged as ``test/*``."""
-        best = self.dir / "best"
-        if not (self.cfg.data.test and self.dist.is_main and (best / "student.pt").is_file()):
+        """The best weights on the test split, once, on rank 0; logged as ``test/*``.
+
+        The weights come from run storage when this node lacks them (a restart elsewhere); the
+        report goes next to them."""
+        if not (self.cfg.data.test and self.dist.is_main and self.state.best_step >= 0):
             return {}
         from trainer.evaluate import evaluate_checkpoint
 
-        report = evaluate_checkpoint(best, self.cfg.data.test)
-        tmp = best / "test_report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(best / "test_report.json")
+        folder = best.local_copy(self.best_uri, self.dir / "best", self.state.best_step)
+        report = evaluate_checkpoint(folder, self.cfg.data.test)
+        report["checkpoint"] = self.best_uri
+        best.put(self.best_uri, folder, "test_report.json", json.dumps(report, indent=1).encode())
         self.tracker.log_metrics({f"test/{k}": v for k, v in report["metrics"].items()},
                                  self.state.step)
-        self.tracker.log_artifact(best / "test_report.json", "best")
+        self.tracker.log_artifact(folder / "test_report.json", "best")
         log.info("test (best weights, step %d): %s", self.state.best_step,
                  " ".join(f"{k}={v:.2f}" for k, v in report["metrics"].items()))
         return report["metrics"]
@@ -316,19 +321,38 @@ class Recipe:
                        "steps": st.step, "stopped_early": float(st.stopped_early),
                        "perf/wall_s": time.perf_counter() - self.started}
             self.tracker.log_metrics(summary, st.step)
-            if st.history:
-                _plot_history(st.history, self.dir / "best" / "val_sumr.png", self.cfg.run.name)
-            for name in ("metrics.json", "config.yaml", "student.pt", "val_sumr.png"):
-                if (self.dir / "best" / name).exists():
-                    self.tracker.log_artifact(self.dir / "best" / name, "best")
-            self.tracker.set_tags({"dldkd.best_checkpoint": str((self.dir / "best").resolve())})
+            self._publish_best()
             self.tracker.finish(status)
 
-    def _log_step(self, terms: dict, timer: "_Timer") -> None:
+    def _publish_best(self) -> None:
+        """The SumR plot next to the best weights; both to MLflow; the tag names where they are."""
+        folder = self.dir / "best"
+        try:
+            if self.state.best_step >= 0:
+                best.local_copy(self.best_uri, folder, self.state.best_step)
+            if self.state.history:
+                _plot_history(self.state.history, folder / "val_sumr.png", self.cfg.run.name)
+                best.put(self.best_uri, folder, "val_sumr.png",
+                         (folder / "val_sumr.png").read_bytes())
+        except OSError as err:  # cleanup also runs after failures: report, do not mask them
+            log.warning("could not publish the best weights of %s: %s", self.best_uri, err)
+        for name in ("metrics.json", "config.yaml", "student.pt", "val_sumr.png"):
+            if (folder / name).exists():
+                self.tracker.log_artifact(folder / name, "best")
+        if self.state.best_step >= 0:
+            self.tracker.set_tags({"dldkd.best_checkpoint": self.best_uri})
+
+    def _log_step(self, terms: dict[str, torch.Tensor], weights: LossWeights,
+                  timer: "_Timer") -> None:
         st = self.state
         rates = timer.rates()
         remaining = (self.total_steps - st.step) * rates["step_s"]
+        values = torch.stack([t.double() for t in terms.values()]).tolist()  # one sync
+        w = weights.as_dict()
+        terms = {**dict(zip(terms, values)), "lambda": w["lambda"], "alpha": w["alpha"],
+                 "beta": w["beta"]}
         metrics = {f"train/{k}": v for k, v in terms.items()}
+        metrics["train/schedule_epoch"] = w["epoch"]
         metrics.update({"train/lr": self.engine.get_lr()[0], "perf/samples_s": rates["samples_s"],
                         "perf/data_wait_pct": rates["data_pct"],
                         "perf/teacher_pct": rates["teacher_pct"],
@@ -403,12 +427,15 @@ def _plot_history(history: list[dict], path: Path, title: str) -> None:
 
 
 def _to_device(batch, device: torch.device, dtype: torch.dtype):
-    """Move a batch to the rank's device; student inputs in the engine's precision."""
+    """Move a batch to the rank's device; student inputs in the engine's precision.
+
+    ``teacher_index`` and ``teacher_frames`` stay on the host: the teacher's cache is keyed
+    there and moves only the frames it has to encode."""
     for name in ("video_feats", "query_feats"):
         setattr(batch, name, getattr(batch, name).to(device, dtype, non_blocking=True))
     if device.type == "cpu":
         return batch
-    for name in ("video_mask", "query_mask", "labels", "teacher_index", "teacher_frames",
+    for name in ("video_mask", "query_mask", "labels", "video_rows", "query_rows",
                  "teacher_frame_emb", "teacher_text_emb"):
         value = getattr(batch, name)
         if value is not None:

@@ -14,19 +14,13 @@ from torch import Tensor, nn
 
 from sharding.batch import Batch
 from trainer.config import ModelConfig
-from trainer.losses import PAD_SCORE
+from trainer.losses import PAD_SCORE, BranchScores
 
 BRANCHES: dict[str, tuple[str, ...]] = {
     "dual": ("inh", "exp"),
     "inheritance": ("inh",),
     "exploration": ("exp",),
 }
-
-
-class BranchScores(NamedTuple):
-    cos: Tensor  # (Q, B, L) frame cosines, padded frames = PAD_SCORE
-    S: Tensor    # (Q, B) cosine max over valid frames
-    U: Tensor    # (Q, B) raw dot-product max over valid frames
 
 
 class _InputLayer(nn.Module):
@@ -62,9 +56,12 @@ class _Packed(NamedTuple):
     shape: tuple[int, int]
 
     @staticmethod
-    def of(feats: Tensor, mask: Tensor) -> _Packed:
+    def of(feats: Tensor, mask: Tensor, index: Tensor | None = None) -> _Packed:
+        """``index``: the valid positions if known (collate computes them on the host, so the
+        training step needs no ``nonzero``, which is a device-to-host sync)."""
         n, length, d = feats.shape
-        index = mask.reshape(-1).nonzero().squeeze(1)
+        if index is None:
+            index = mask.reshape(-1).nonzero().squeeze(1)
         return _Packed(feats.reshape(n * length, d).index_select(0, index), index, (n, length))
 
 
@@ -116,11 +113,13 @@ class _Branch(nn.Module):
 
 
 def branch_scores(q: Tensor, v: Tensor, video_mask: Tensor) -> BranchScores:
-    """Frame cosines, S (cosine max) and U (raw dot max) from one raw dot product.
+    """Frame cosines, S (cosine max) and U (raw dot max) from one raw dot product, in float32
+    whatever the encoders' precision (the loss reads them as they are).
 
     cos = dot / (|q| |v|) equals normalise-then-dot (F.normalize's eps 1e-12 kept), so one
     (Q, B, L) product serves both scores.
     """
+    q, v = q.float(), v.float()
     dots = torch.einsum("qd,bld->qbl", q, v)
     q_norm = q.norm(dim=-1).clamp_min(1e-12)
     v_norm = v.norm(dim=-1).clamp_min(1e-12)
@@ -141,31 +140,37 @@ def fused_score(scores: dict[str, BranchScores], inh_weight: float) -> Tensor:
 class DualStudent(nn.Module):
     """Both branches (or one, for the ablations), each with its own weights."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, check_inputs: bool = True):
+        """``check_inputs``: also reject NaN features and empty masks, at the price of a
+        device-to-host sync per call (training validates its inputs in collate instead)."""
         super().__init__()
         if cfg.branches not in BRANCHES:
             raise ValueError(f"model.branches={cfg.branches!r}; choose one of {list(BRANCHES)}")
         if cfg.hidden % cfg.heads:
             raise ValueError(f"model.hidden={cfg.hidden} is not divisible by model.heads={cfg.heads}")
         self.cfg = cfg
+        self.check_inputs = check_inputs
         self.branch_names: tuple[str, ...] = BRANCHES[cfg.branches]
         self.branches = nn.ModuleDict({name: _Branch(cfg) for name in self.branch_names})
         self.apply(_init_weights)
 
-    def encode_queries(self, feats: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        _check_input("query", feats, mask, self.cfg.query_dim, self.cfg.max_words, "model.max_words")
-        packed = _Packed.of(feats, mask)
+    def encode_queries(self, feats: Tensor, mask: Tensor, index: Tensor | None = None
+                       ) -> dict[str, Tensor]:
+        _check_input("query", feats, mask, self.cfg.query_dim, self.cfg.max_words,
+                     "model.max_words", self.check_inputs)
+        packed = _Packed.of(feats, mask, index)
         return {name: b.encode_queries(packed, mask) for name, b in self.branches.items()}
 
-    def encode_videos(self, feats: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    def encode_videos(self, feats: Tensor, mask: Tensor, index: Tensor | None = None
+                      ) -> dict[str, Tensor]:
         _check_input("video", feats, mask, self.cfg.video_dim, self.cfg.max_frames,
-                     "model.max_frames")
-        packed = _Packed.of(feats, mask)
+                     "model.max_frames", self.check_inputs)
+        packed = _Packed.of(feats, mask, index)
         return {name: b.encode_videos(packed, mask) for name, b in self.branches.items()}
 
     def forward(self, batch: Batch) -> dict[str, BranchScores]:
-        queries = self.encode_queries(batch.query_feats, batch.query_mask)
-        videos = self.encode_videos(batch.video_feats, batch.video_mask)
+        queries = self.encode_queries(batch.query_feats, batch.query_mask, batch.query_rows)
+        videos = self.encode_videos(batch.video_feats, batch.video_mask, batch.video_rows)
         return {name: branch_scores(queries[name], videos[name], batch.video_mask)
                 for name in self.branch_names}
 
@@ -181,8 +186,8 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _check_input(kind: str, feats: Tensor, mask: Tensor, dim: int, max_len: int, len_key: str
-                 ) -> None:
+def _check_input(kind: str, feats: Tensor, mask: Tensor, dim: int, max_len: int, len_key: str,
+                 values: bool = True) -> None:
     """Reject inputs that would otherwise give silent garbage (wrong dims, empty, NaN, no frames)."""
     if feats.dim() != 3:
         raise ValueError(f"{kind} features must be (N, L, D), got shape {tuple(feats.shape)}")
@@ -199,6 +204,8 @@ def _check_input(kind: str, feats: Tensor, mask: Tensor, dim: int, max_len: int,
     if tuple(mask.shape) != (n, length):
         raise ValueError(f"{kind} mask shape {tuple(mask.shape)} does not match features "
                          f"{tuple(feats.shape)}: expected ({n}, {length})")
+    if not values:
+        return
     empty = (mask.sum(dim=1) == 0).nonzero().flatten()
     if len(empty):
         raise ValueError(f"{kind} rows {empty[:5].tolist()} have no valid "

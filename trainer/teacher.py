@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from sharding.batch import Batch
 from sharding.writer import sha256_file
+from trainer import dist
 from trainer.config import TeacherConfig
 from trainer.losses import PAD_SCORE, TeacherTargets
 from trainer.teacher_cache import FrameEmbeddingCache
@@ -432,43 +433,49 @@ class Teacher:
 
     @torch.no_grad()
     def frame_embeddings(self, batch: Batch) -> Tensor:
-        """(B, L, D) raw frame embeddings aligned to the student's frames (zeros where padded).
+        """(B, L, D) raw frame embeddings aligned to the student's frames (zeros where padded),
+        float32 on the teacher's device.
 
         Each distinct (video, teacher frame) is encoded once per batch, or not at all when the
-        cache has it."""
-        mask = batch.video_mask > 0
+        cache has it. Which frames those are is worked out on the host from ``teacher_index``
+        (collate's, never moved: the cache keys are host strings); only the frames to encode go
+        to the device, and the gathers and scatters of embeddings happen there."""
         if self.forward is None:
             if batch.teacher_frame_emb is None:
                 raise TeacherError("teacher.placement='precomputed' but the batch has no "
                                    "teacher_frame_emb: write shards with pre-extracted CLIP frame "
                                    "embeddings, or use placement 'replicated'/'zero3'")
             emb = batch.teacher_frame_emb.to(self.device, torch.float32)
-            return emb * mask.to(self.device)[..., None]
+            return emb * (batch.video_mask.to(self.device) > 0)[..., None]
         if batch.teacher_frames is None:
             raise TeacherError("the batch has no teacher_frames (raw RGB frames): write shards "
                                "with teacher frames, or use teacher.placement='precomputed' with "
                                "pre-extracted embeddings")
-        valid = mask & (batch.teacher_index >= 0)
-        jj, ll = valid.nonzero(as_tuple=True)
-        kk = batch.teacher_index[jj, ll]
+        index = batch.teacher_index.cpu()   # -1 at padded positions (collate)
+        jj, ll = (index >= 0).nonzero(as_tuple=True)
+        kk = index[jj, ll]
         key = jj * (int(kk.max()) + 1 if len(kk) else 1) + kk
         uniq, inverse = torch.unique(key, return_inverse=True)
         first = torch.full((len(uniq),), len(key), dtype=torch.int64).scatter_reduce(
             0, inverse, torch.arange(len(key)), "amin")
         keys = [(batch.video_ids[j], k) for j, k in zip(jj[first].tolist(), kk[first].tolist())]
+        emb = torch.zeros(len(keys), self.embed_dim, device=self.device)
+        found = torch.zeros(len(keys), dtype=torch.bool)
         if self.cache is not None:
-            emb, found = self.cache.lookup(keys, self.embed_dim)
-        else:
-            emb, found = torch.zeros(len(keys), self.embed_dim), torch.zeros(len(keys), dtype=bool)
+            cached, found = self.cache.lookup(keys, self.embed_dim)
+            hit = found.nonzero().flatten()
+            if len(hit):
+                emb[hit.to(self.device)] = cached[hit].to(self.device, non_blocking=True)
         todo = (~found).nonzero().flatten()
-        pixels = batch.teacher_frames[jj[first][todo], ll[first][todo]]
-        new = self._encode("image", pixels, self._prepare_images).cpu()
-        emb[todo] = new
-        if self.cache is not None and len(todo):
-            self.cache.put([keys[i] for i in todo.tolist()], new)
-        out = torch.zeros(*mask.shape, self.embed_dim)
-        out[jj, ll] = emb[inverse]
-        return out.to(self.device)
+        pixels = batch.teacher_frames.cpu()[jj[first][todo], ll[first][todo]]
+        new = self._encode("image", pixels, self._prepare_images)
+        if len(todo):
+            emb[todo.to(self.device)] = new
+            if self.cache is not None:
+                self.cache.put([keys[i] for i in todo.tolist()], new.cpu())
+        out = torch.zeros(*index.shape, self.embed_dim, device=self.device)
+        out[jj.to(self.device), ll.to(self.device)] = emb[inverse.to(self.device)]
+        return out
 
     def _prepare_images(self, pixels: Tensor) -> Tensor:
         return preprocess_frames(pixels.to(self.device), self.preprocess).to(self.dtype)
@@ -479,7 +486,7 @@ class Teacher:
         chunk = self.cfg.image_batch
         n = math.ceil(len(inputs) / chunk)
         if self.collective:
-            count = torch.tensor([n], dtype=torch.int64, device=_comm_device(self.device))
+            count = torch.tensor([n], dtype=torch.int64, device=dist.comm_device())
             torch_dist.all_reduce(count, op=torch_dist.ReduceOp.MAX)
             n = int(count.item())
         outs = []
@@ -501,11 +508,6 @@ class Teacher:
         size = self.preprocess["size"]
         h, w = (size, size) if isinstance(size, int) else size
         return torch.zeros(1, h, w, 3, dtype=torch.uint8)
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    backend = torch_dist.get_backend()
-    return device if backend == "nccl" else torch.device("cpu")
 
 
 def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:

@@ -22,11 +22,11 @@ def _run(cfg, stop_at: int | None = None) -> dict[int, float]:
     losses: dict[int, float] = {}
     inner = recipe.train_step
 
-    def step(batch, epoch, timer):
+    def step(batch, weights, timer):
         if stop_at is not None and recipe.state.step + 1 == stop_at:
             raise _Interrupt
-        terms = inner(batch, epoch, timer)
-        losses[recipe.state.step + 1] = terms["loss"]
+        terms = inner(batch, weights, timer)
+        losses[recipe.state.step + 1] = float(terms["loss"])
         return terms
 
     recipe.train_step = step
@@ -41,7 +41,10 @@ def _run(cfg, stop_at: int | None = None) -> dict[int, float]:
 @pytest.mark.parametrize("variant", [
     ["loss.kd=off", "loss.targets=hard"],                        # DL-DKD without a teacher
     ["loss.targets=soft", "loss.kd=dynamic", "teacher.cache=false"],  # DL-DKD++ (online teacher)
-], ids=["hard", "dldkdpp"])
+    # The GPU presets' precision path on CPU: DeepSpeed bf16 + ZeRO-2 (params in bf16, the
+    # evaluation runs the student in bf16, scores and the loss in float32).
+    ["loss.kd=off", "loss.targets=hard", "dist.precision=bf16", "dist.zero_stage=2"],
+], ids=["hard", "dldkdpp", "bf16-zero2"])
 def test_resume_equals_uninterrupted(world, tmp_path, variant):
     over = tiny_overrides(
         world, tmp_path, **{"train.ckpt_every": 2, "train.deterministic": True}) + variant

@@ -15,8 +15,10 @@ def _lse(values: list[Tensor]) -> Tensor:
     return torch.logsumexp(torch.stack(values), dim=0)
 
 
-def triplet(S: Tensor, labels: list[int], margin: float, neg_rank: list[int]) -> Tensor:
-    """neg_rank[i] = k picks the k-th best (1-based) other video for query i; k = 1 is hardest."""
+def triplet(S: Tensor, labels: list[int], margin: float, neg_rank: list[int],
+            video_neg: list[int] | None = None) -> Tensor:
+    """neg_rank[i] = k picks the k-th best (1-based) other video for query i; k = 1 is hardest.
+    video_neg[j] = i picks query i (of another video) as video j's negative; None = hardest."""
     Q, B = S.shape
     query_terms = []
     for i in range(Q):
@@ -28,7 +30,8 @@ def triplet(S: Tensor, labels: list[int], margin: float, neg_rank: list[int]) ->
         mine = [S[i, j] for i in range(Q) if labels[i] == j]
         theirs = [S[i, j] for i in range(Q) if labels[i] != j]
         pos = sum(mine) / len(mine)
-        neg = max(theirs, key=float)
+        neg = max(theirs, key=float) if video_neg is None else S[video_neg[j], j]
+        assert video_neg is None or labels[video_neg[j]] != j
         video_terms.append(torch.clamp(margin + neg - pos, min=0))
     return sum(query_terms) / Q + sum(video_terms) / B
 

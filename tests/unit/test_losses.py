@@ -6,9 +6,26 @@ import torch
 
 from tests.unit import loss_reference as ref
 from trainer.config import LossConfig
-from trainer.losses import (PAD_SCORE, TeacherTargets, kd, nce, soft_nce, total_loss, triplet)
-from trainer.schedules import kd_weight, soft_alpha, soft_beta
-from trainer.student import BranchScores
+from trainer.losses import (PAD_SCORE, BranchScores, TeacherTargets, kd, nce, soft_nce,
+                            total_loss as _total_loss, triplet)
+from trainer.schedules import LossWeights, loss_weights, soft_alpha, soft_beta
+
+PAPER = LossConfig()
+
+
+def total_loss(scores, labels, teacher, cfg, epoch, generator=None):
+    """The total at an epoch of the paper's schedules, with the frame mask the scores carry."""
+    mask = (next(iter(scores.values())).cos[0] > PAD_SCORE / 2).double()
+    branches = set(scores)
+    w = loss_weights(cfg, epoch, inheritance="inh" in branches)
+    loss, terms = _total_loss(scores, labels, mask, teacher, cfg, w, generator)
+    return loss, {**terms, **{k: v for k, v in w.as_dict().items()
+                              if k in ("lambda", "alpha", "beta")
+                              and (k == "lambda" or cfg.targets == "soft")}}
+
+
+def kd_weight(epoch, name="exp_down"):
+    return 0.1 * {"exp_down": 0.95 ** epoch}[name]
 
 CAPTIONS = [4, 3, 3, 2, 2, 1, 1]  # per video, sorted descending as collate does
 
@@ -133,7 +150,7 @@ def test_total_dlkdpp_matches_composition_of_reference_terms():
     cfg = LossConfig(hard_pool=1, margin=0.1)
     epoch = 40
     loss, terms = total_loss(scores, b["labels"], teacher, cfg, epoch)
-    a, be, lam = soft_alpha(epoch), soft_beta(epoch), kd_weight(epoch, "exp_down")
+    a, be, lam = soft_alpha(epoch, PAPER), soft_beta(epoch, PAPER), kd_weight(epoch, "exp_down")
     ones = [1] * len(labels)
     want = (ref.triplet(b["S"], labels, 0.1, ones)
             + 0.04 * ref.soft_nce(b["U"], b["T"], labels, a, be)
@@ -173,7 +190,8 @@ def test_single_branch_ablations():
     cfg = LossConfig(hard_pool=1)
     loss, terms = total_loss({"exp": scores_of(b)}, b["labels"], None, cfg, 0)
     want = (ref.triplet(b["S"], labels, 0.1, [1] * len(labels))
-            + 0.04 * ref.soft_nce(b["U"], b["U"], labels, soft_alpha(0), soft_beta(0)))
+            + 0.04 * ref.soft_nce(b["U"], b["U"], labels, soft_alpha(0, PAPER),
+                                  soft_beta(0, PAPER)))
     assert close(loss, want, 1e-8)
     assert set(terms) == {"exp_trip", "exp_nce", "loss", "lambda", "alpha", "beta"}
     assert terms["lambda"] == 0.0
@@ -190,10 +208,40 @@ def test_hard_negative_start_epoch_draws_from_all_videos():
     scores = {"exp": scores_of(b)}
     cfg = LossConfig(hard_pool=1, hard_negative_start_epoch=5, targets="hard", kd="off")
     early, terms = total_loss(scores, b["labels"], None, cfg, 4, torch.Generator().manual_seed(1))
-    ranks = torch.randint(1, B, (Q,), generator=torch.Generator().manual_seed(1))
-    assert close(terms["exp_trip"], ref.triplet(b["S"], b["labels"].tolist(), 0.1, ranks.tolist()))
+    g = torch.Generator().manual_seed(1)
+    ranks = torch.randint(1, B, (Q,), generator=g)
+    video_neg = random_other_queries(b["labels"].tolist(), B, g)
+    assert close(terms["exp_trip"], ref.triplet(b["S"], b["labels"].tolist(), 0.1, ranks.tolist(),
+                                                video_neg))
     late, terms = total_loss(scores, b["labels"], None, cfg, 5)
     assert close(terms["exp_trip"], ref.triplet(b["S"], b["labels"].tolist(), 0.1, [1] * Q))
+
+
+def random_other_queries(labels: list[int], B: int, g: torch.Generator) -> list[int]:
+    """Per video, one query of another video drawn uniformly (the reference's pre-hard-negative
+    draw), written as a loop over the same uniform noise the vectorised code draws."""
+    noise = torch.rand(len(labels), B, generator=g)
+    picks = []
+    for j in range(B):
+        others = [i for i in range(len(labels)) if labels[i] != j]
+        picks.append(max(others, key=lambda i: float(noise[i, j])))
+    return picks
+
+
+def test_video_side_random_negative_before_hard_negatives():
+    b = make_batch(12)
+    Q, B = b["S"].shape
+    labels = b["labels"].tolist()
+    got = triplet(b["S"], b["labels"], 0.1, 1, torch.Generator().manual_seed(5), hard_video=False)
+    g = torch.Generator().manual_seed(5)
+    want = ref.triplet(b["S"], labels, 0.1, [1] * Q, random_other_queries(labels, B, g))
+    assert close(got, want)
+    assert got < triplet(b["S"], b["labels"], 0.1, 1)  # softer than the hardest query
+    # uniform over the other videos' queries: every one of them gets picked for video 0
+    seen = set()
+    for seed in range(300):
+        seen.update([random_other_queries(labels, B, torch.Generator().manual_seed(seed))[0]])
+    assert seen == {i for i in range(Q) if labels[i] != 0}
 
 
 def test_shuffle_teacher_permutes_targets_across_queries():

@@ -26,6 +26,38 @@ def loop_ranks(scores: torch.Tensor, gt: torch.Tensor) -> list[int]:
     return ranks
 
 
+# Chunkings run different float32 kernels: the student sees other batch shapes and the products
+# other blockings, so the same score can differ in its last bits (deterministically so on some
+# CPUs). Each fused score here is a cosine of d = 5 unit vectors made by one (8 -> 5) linear
+# layer, so its rounding error is bounded by about (8 + 5) * 2^-24 ~ 1e-6 per path: 1e-5 leaves a
+# tenfold margin and is still far below the score gaps between distinct random videos.
+SCORE_TOL = 1e-5
+
+
+def assert_ranks_agree(ranks: torch.Tensor, scores: torch.Tensor, gt: torch.Tensor,
+                       tol: float = SCORE_TOL) -> None:
+    """Ranks equal to the pessimistic ranks of ``scores``, except that a video whose score lies
+    within ``tol`` of the ground truth's may count either way (a near-tie that rounding can
+    flip); exact and near ties both count against the query at the upper bound."""
+    s = scores.double()
+    g = s.gather(1, gt[:, None].long())
+    low = 1 + (s > g + tol).sum(dim=1)
+    high = (s >= g - tol).sum(dim=1)
+    ranks = torch.as_tensor(ranks)
+    bad = ((ranks < low) | (ranks > high)).nonzero().flatten().tolist()
+    assert not bad, (f"queries {bad[:5]}: ranks {ranks[bad[:5]].tolist()} outside "
+                     f"[{low[bad[:5]].tolist()}, {high[bad[:5]].tolist()}]")
+
+
+def assert_metrics_agree(got: dict, ranks_ref: torch.Tensor) -> None:
+    """Metrics from ranks that agree (above) are equal when no near-tie flipped, which these
+    small galleries of random videos never have; compare them to float tolerance."""
+    want = rank_metrics(ranks_ref)
+    assert got.keys() == want.keys()
+    for k in got:
+        assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-12), k
+
+
 def loop_scores(queries: dict, videos: dict, mask: torch.Tensor, weights: dict) -> torch.Tensor:
     """Fused score from the formula: per branch, best cosine over valid frames, in float64."""
     nq = next(iter(queries.values())).shape[0]
@@ -135,28 +167,39 @@ def test_scores_and_ranks_match_plain_loop():
     enc = encode_gallery(student, gallery, query_chunk=4, video_chunk=3)
     q, v = student_embeddings(student, gallery)
     ref = loop_scores(q, v, gallery.video_mask, {"inh": 0.7, "exp": 0.3})
-    torch.testing.assert_close(score_matrix(enc, query_chunk=5).double(), ref, atol=1e-5, rtol=0)
-    assert rank_counts(enc, query_chunk=2).tolist() == loop_ranks(ref, gallery.gt)
+    torch.testing.assert_close(score_matrix(enc, query_chunk=5).double(), ref, atol=SCORE_TOL,
+                               rtol=0)
+    assert_ranks_agree(rank_counts(enc, query_chunk=2), ref, gallery.gt)
 
 
 @pytest.mark.parametrize("dup", [False, True])
-def test_chunked_equals_unchunked_exactly(dup):
+def test_chunked_agrees_with_unchunked(dup):
     torch.manual_seed(1)
     gallery = make_gallery(nv=13, dup=dup)
     student = FakeStudent(8, 6, 5)
     full = encode_gallery(student, gallery, query_chunk=10_000, video_chunk=10_000)
-    want_ranks = rank_counts(full, query_chunk=10_000)
     want_scores = score_matrix(full, query_chunk=10_000)
-    if dup:  # queries of video 0 tie with its copy: pessimistic rank at least 2
-        assert (want_ranks[gallery.gt == 0] >= 2).all()
+    want_ranks = rank_counts(full, query_chunk=10_000)
+    assert_ranks_agree(want_ranks, want_scores, gallery.gt)
+    if dup:  # queries of video 0 tie with its copy: within rounding, so the tie counts
+        copy = gallery.num_videos - 1
+        rows = (gallery.gt == 0).nonzero().flatten()
+        torch.testing.assert_close(want_scores[rows, copy], want_scores[rows, 0],
+                                   atol=SCORE_TOL, rtol=0)
+        s = want_scores[rows]
+        assert ((s >= s[:, :1] - SCORE_TOL).sum(dim=1) >= 2).all()
     for qc, vc in [(1, 1), (3, 2), (7, 5), (2, 13)]:
         enc = encode_gallery(student, gallery, query_chunk=qc, video_chunk=vc)
-        assert torch.equal(rank_counts(enc, query_chunk=qc), want_ranks)
-        assert torch.equal(score_matrix(enc, query_chunk=qc), want_scores)
-        assert evaluate(student, gallery, qc, vc) == rank_metrics(want_ranks)
+        torch.testing.assert_close(score_matrix(enc, query_chunk=qc), want_scores,
+                                   atol=SCORE_TOL, rtol=0)
+        ranks = rank_counts(enc, query_chunk=qc)
+        assert_ranks_agree(ranks, want_scores, gallery.gt)
+        assert_ranks_agree(ranks, score_matrix(enc, query_chunk=qc), gallery.gt, tol=0.0)
+        if not dup:
+            assert_metrics_agree(evaluate(student, gallery, qc, vc), want_ranks)
 
 
-def test_real_student_chunked_equals_unchunked_and_loop():
+def test_real_student_chunked_agrees_with_unchunked_and_loop():
     torch.manual_seed(2)
     cfg = ModelConfig(video_dim=8, query_dim=6, hidden=8, heads=2, max_frames=6, max_words=4,
                       input_drop=0.3, drop=0.3)
@@ -165,10 +208,14 @@ def test_real_student_chunked_equals_unchunked_and_loop():
     gallery = make_gallery(nv=10)
     want = evaluate(student, gallery, query_chunk=10_000, video_chunk=10_000)
     assert student.training  # restored
-    assert evaluate(student, gallery, query_chunk=3, video_chunk=4) == want
     q, v = student_embeddings(student, gallery)
     ref = loop_scores(q, v, gallery.video_mask, {"inh": 0.7, "exp": 0.3})
-    assert want == rank_metrics(loop_ranks(ref, gallery.gt))
+    enc = encode_gallery(student, gallery, query_chunk=3, video_chunk=4)
+    torch.testing.assert_close(score_matrix(enc).double(), ref, atol=SCORE_TOL, rtol=0)
+    assert_ranks_agree(rank_counts(enc, query_chunk=3), ref, gallery.gt)
+    ref_ranks = torch.tensor(loop_ranks(ref, gallery.gt))
+    assert_metrics_agree(want, ref_ranks)
+    assert_metrics_agree(evaluate(student, gallery, query_chunk=3, video_chunk=4), ref_ranks)
 
 
 @pytest.mark.parametrize("branches", ["inheritance", "exploration"])
@@ -191,7 +238,8 @@ def test_query_slices_concatenate_to_all():
     enc = encode_gallery(FakeStudent(8, 6, 5), gallery, video_chunk=3)
     n = gallery.num_queries
     parts = [rank_counts(enc, slice(a, min(a + 4, n)), query_chunk=3) for a in range(0, n, 4)]
-    assert torch.equal(torch.cat(parts), rank_counts(enc))
+    assert_ranks_agree(torch.cat(parts), score_matrix(enc), gallery.gt)
+    assert_ranks_agree(rank_counts(enc), score_matrix(enc), gallery.gt)
 
 
 def test_encoded_from_embeddings_matches_student_path():
@@ -202,7 +250,8 @@ def test_encoded_from_embeddings_matches_student_path():
     a = encoded_from_embeddings(q, v, gallery.video_mask, gallery.gt, {"inh": 0.7, "exp": 0.3},
                                 video_chunk=3)
     b = encode_gallery(student, gallery, video_chunk=3)
-    assert torch.equal(rank_counts(a), rank_counts(b))
+    assert_ranks_agree(rank_counts(a), score_matrix(b), gallery.gt)
+    assert_ranks_agree(rank_counts(b), score_matrix(a), gallery.gt)
 
 
 def test_build_gallery_layout():

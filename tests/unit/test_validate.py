@@ -243,10 +243,10 @@ def test_storage_that_cannot_be_created_fails(good, tmp_path):
     assert list(tmp_path.glob(".dldkd-validate-*")) == []   # the probe is cleaned up
 
 
-def test_s3_storage_without_s3fs_names_the_extra(good, monkeypatch):
+def test_s3_storage_without_s3fs_names_the_package(good, monkeypatch):
     monkeypatch.setitem(sys.modules, "s3fs", None)   # import fails as if not installed
     _, checks = run(good + ["run.storage=s3://bucket/runs", "tracking.uri=sqlite:///mlflow.db"])
-    assert checks["storage"].status == FAIL and "dldkd[s3]" in checks["storage"].message
+    assert checks["storage"].status == FAIL and "pip install s3fs" in checks["storage"].message
 
 
 def test_remote_storage_needs_a_tracking_uri(good, monkeypatch):
@@ -342,6 +342,7 @@ def test_zero_stages_divide_model_states(stage, precision):
 def _saved_activation_bytes(cfg, B: int) -> int:
     """Bytes autograd saves for one student forward + loss (parameters and inputs excluded)."""
     from trainer.losses import TeacherTargets, total_loss
+    from trainer.schedules import loss_weights
     from trainer.student import DualStudent
 
     m = cfg.model
@@ -360,7 +361,8 @@ def _saved_activation_bytes(cfg, B: int) -> int:
 
     teacher = TeacherTargets(tau=torch.rand(Q, B, L), T=torch.rand(Q, B))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        total_loss(student(batch), batch.labels, teacher, cfg.loss, epoch=0)
+        total_loss(student(batch), batch.labels, batch.video_mask, teacher, cfg.loss,
+                   loss_weights(cfg.loss, 0))
     skip = {t.untyped_storage().data_ptr() for t in (*student.parameters(), batch.video_feats,
                                                        batch.query_feats)}
     return sum(n for ptr, n in storages.items() if ptr not in skip)

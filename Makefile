@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-gpu bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# On a CUDA machine (install the CUDA build of torch first, see README): the GPU suite at the
+# TVR preset's dims, then the GPU benchmarks (one JSON line each).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu tests/gpu
+	$(PY) -m bench.gpu
+	$(PY) -m bench.eval --runs 2
 
 bench: $(STAMP)
 	for b in step eval data teacher scale; do $(PY) -m bench.$$b || exit 1; done

@@ -48,6 +48,8 @@ def rng_state(generator: torch.Generator) -> dict:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": _to_lists(random.getstate()),
         "generator": generator.get_state(),
+        # Dropout on a GPU draws from the device's own generator.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
     }
 
 
@@ -57,6 +59,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(_to_tuples(state["python"]))
     generator.set_state(state["generator"])
+    if state.get("cuda") is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_rank_rng(folder: Path, rank: int, state: dict) -> None:

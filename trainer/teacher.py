@@ -97,8 +97,9 @@ def preprocess_frames(frames: Tensor, cfg: dict) -> Tensor:
         x = F.interpolate(x, size=new, mode=mode, align_corners=False, antialias=True)
         x = x.round_().clamp_(0, 255)
     x = center_crop_or_pad(x, [th, tw], fill=cfg.get("fill_color", 0)) / 255.0
-    mean = torch.tensor(cfg["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg["mean"], dtype=x.dtype).to(x.device, non_blocking=True)
+    std = torch.tensor(cfg["std"], dtype=x.dtype).to(x.device, non_blocking=True)
+    mean, std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -429,7 +430,7 @@ class Teacher:
                                    "embeddings, or use placement 'replicated'/'zero3'")
             return batch.teacher_text_emb.to(self.device, torch.float32)
         tokens = self.tokenizer(list(batch.captions))
-        return self._encode("text", tokens, lambda t: t.to(self.device))
+        return self._encode("text", tokens, lambda t: t.to(self.device, non_blocking=True))
 
     @torch.no_grad()
     def frame_embeddings(self, batch: Batch) -> Tensor:
@@ -465,20 +466,20 @@ class Teacher:
             cached, found = self.cache.lookup(keys, self.embed_dim)
             hit = found.nonzero().flatten()
             if len(hit):
-                emb[hit.to(self.device)] = cached[hit].to(self.device, non_blocking=True)
+                emb[_on(hit, self.device)] = _on(cached[hit], self.device)
         todo = (~found).nonzero().flatten()
         pixels = batch.teacher_frames.cpu()[jj[first][todo], ll[first][todo]]
         new = self._encode("image", pixels, self._prepare_images)
         if len(todo):
-            emb[todo.to(self.device)] = new
-            if self.cache is not None:
+            emb[_on(todo, self.device)] = new
+            if self.cache is not None:  # the one device-to-host copy of a step with the cache on
                 self.cache.put([keys[i] for i in todo.tolist()], new.cpu())
         out = torch.zeros(*index.shape, self.embed_dim, device=self.device)
-        out[jj.to(self.device), ll.to(self.device)] = emb[inverse.to(self.device)]
+        out[_on(jj, self.device), _on(ll, self.device)] = emb[_on(inverse, self.device)]
         return out
 
     def _prepare_images(self, pixels: Tensor) -> Tensor:
-        return preprocess_frames(pixels.to(self.device), self.preprocess).to(self.dtype)
+        return preprocess_frames(_on(pixels, self.device), self.preprocess).to(self.dtype)
 
     def _encode(self, tower: str, inputs: Tensor, prepare: Callable[[Tensor], Tensor]) -> Tensor:
         """Encode in chunks of teacher.image_batch; under zero3 every rank runs the same number
@@ -508,6 +509,11 @@ class Teacher:
         size = self.preprocess["size"]
         h, w = (size, size) if isinstance(size, int) else size
         return torch.zeros(1, h, w, 3, dtype=torch.uint8)
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on the teacher's device without making the host wait (no sync)."""
+    return t.to(device, non_blocking=True)
 
 
 def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:

@@ -37,6 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--max-shard-bytes", type=int, default=None,
                     help="cut a shard when it reaches this size instead")
     ms.add_argument("--feature", default=None, help="visual feature folder name override")
+    fr = shard_sub.add_parser("frames", help="add teacher frames decoded from raw videos to a "
+                              "written split", description="Decode each video of a split (PyAV; "
+                              ".mp4/.mkv/.webm/.avi named <video id>.<ext>) and write the split "
+                              "again to --out with one JPEG frame per student feature step, for "
+                              "the online teacher. Re-running resumes; the source shards stay "
+                              "as they are. See docs/shards.md.")
+    fr.add_argument("--videos", required=True, help="folder holding the video files (searched "
+                    "recursively)")
+    fr.add_argument("--shards", required=True, help="a split folder written by `dldkd shard`")
+    fr.add_argument("--out", required=True, help="new folder for the split with frames")
+    fr.add_argument("--size", type=int, default=224, help="the teacher's input size in pixels: "
+                    "shortest side resized to it, then centre-cropped (224 for ViT-B-32)")
+    fr.add_argument("--quality", type=int, default=90, help="JPEG quality (1-100)")
+    fr.add_argument("--seconds-per-step", type=float, default=None, help="feature step i covers "
+                    "[i*S, (i+1)*S) seconds (default: the steps spread evenly over each video)")
+    fr.add_argument("--workers", type=int, default=None,
+                    help="decoder processes (default: one per CPU)")
     syn = shard_sub.add_parser("synthetic", help="build the synthetic PRVR world",
                                description="Write train/val/test splits and an image-text "
                                "pretraining split of the synthetic world (docs/synthetic-world.md).")
@@ -61,12 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(train)
     train.add_argument("--address", default=None, help="Ray address (default: local)")
     train.add_argument("--no-ray", action="store_true",
-                       help="run in this process without Ray (debugging; torchrun works too)")
+                       help="run in this process without Ray: one worker on this machine "
+                       "(torchrun -m trainer.run runs several)")
 
     sweep = sub.add_parser("sweep", help="a Ray Tune sweep of runs, one MLflow parent run",
                            description="Search space and scheduler in the YAML's `sweep:` section.")
     _add_config(sweep)
     sweep.add_argument("--address", default=None)
+    sweep.add_argument("--num-cpus", type=int, default=None,
+                       help="logical CPUs of the local Ray cluster (default: the machine's)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split",
                         description="Metrics table and a JSON report of a best/ checkpoint.")

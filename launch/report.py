@@ -9,6 +9,7 @@ to a folder and, for a sweep, logged to its parent run under ``report/``.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -18,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from launch.sweep import IDENTITY_KEYS, VARIANT_PARAM, VARIANT_TAG
+from launch.claims import ClaimResult, evaluate_claim
+from launch.sweep import CLAIMS_PARAM, IDENTITY_KEYS, VARIANT_PARAM, VARIANT_TAG
 
 SCORES = ("R1", "R5", "R10", "R100", "SumR")
 SWEEP_KIND = ("dldkd.kind", "sweep")
@@ -44,6 +46,8 @@ class RunRecord:
     val: dict[str, float] = field(default_factory=dict)  # the best validation evaluation
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val/SumR)
     teacher_ms: float | None = None
+    data_ms: float | None = None
+    student_ms: float | None = None
     samples_s: float | None = None
     wall_s: float | None = None
     teacher_sumr: float | None = None
@@ -130,7 +134,8 @@ def read_run(client, run) -> RunRecord:
             at = dict(_history(client, rec.run_id, f"val/{k}")).get(best_step)
             if at is not None:
                 rec.val[k] = at
-    for attr, key in (("teacher_ms", "perf/teacher_ms"), ("samples_s", "perf/samples_s")):
+    for attr, key in (("teacher_ms", "perf/teacher_ms"), ("data_ms", "perf/data_ms"),
+                      ("student_ms", "perf/student_ms"), ("samples_s", "perf/samples_s")):
         values = [v for _, v in _history(client, rec.run_id, key)]
         setattr(rec, attr, statistics.median(values) if values else None)
     rec.wall_s = metrics.get("perf/wall_s")
@@ -235,6 +240,32 @@ def teacher_series(records: list[RunRecord]) -> tuple[dict[str, list[RunRecord]]
     return series, base
 
 
+def claim_results(records: list[RunRecord], claims: dict[str, dict]) -> list[ClaimResult]:
+    """Each claim's paired test on SumR (test scores when every run of both variants has them,
+    else the best validation evaluation), seeds paired by ``train.seed``."""
+    by_variant: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.scored and r.variant:
+            by_variant[r.variant].append(r)
+    out = []
+    for name, claim in claims.items():
+        pair = by_variant.get(claim["better"], []) + by_variant.get(claim["worse"], [])
+        src = source_of(pair) if pair else "val"
+        scores = {v: {r.params.get("train.seed", r.run_id): score(r, src)["SumR"]
+                      for r in by_variant.get(v, []) if "SumR" in score(r, src)}
+                  for v in (claim["better"], claim["worse"])}
+        result = evaluate_claim(name, claim["better"], claim["worse"], scores,
+                                claim.get("series", ""))
+        if result is not None:
+            out.append(result)
+    return out
+
+
+def teacher_sumr_of(records: list[RunRecord], variant: str) -> float | None:
+    values = [r.teacher_sumr for r in records if r.variant == variant and r.teacher_sumr is not None]
+    return statistics.fmean(values) if values else None
+
+
 # ------------------------------------------------------------------------------ plots
 
 
@@ -287,6 +318,34 @@ def _by_teacher(group: list[RunRecord], src: str) -> list[tuple[float, list[floa
     for r in group:
         points[r.teacher_sumr].append(score(r, src)["SumR"])
     return sorted(points.items())
+
+
+def plot_kd_gain(results: list[ClaimResult], records: list[RunRecord], path: Path) -> Path | None:
+    """Paired SumR gain of each series' claims against the teacher's own zero-shot SumR."""
+    from matplotlib.figure import Figure
+
+    series: dict[str, list[tuple[float, ClaimResult]]] = defaultdict(list)
+    for res in results:
+        x = teacher_sumr_of(records, res.better)
+        if res.series and x is not None:
+            series[res.series].append((x, res))
+    if not series:
+        return None
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for name, points in sorted(series.items()):
+        points.sort(key=lambda p: p[0])
+        xs = [x for x, _ in points]
+        ys = [r.mean for _, r in points]
+        err = [[r.mean - r.low for _, r in points], [r.high - r.mean for _, r in points]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+    ax.axhline(0, color="grey", linestyle=":")
+    ax.set_xlabel("teacher zero-shot SumR (val)")
+    ax.set_ylabel("paired SumR gain (mean, 95% bootstrap CI)")
+    ax.set_title("KD gain against teacher quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def mean_curve(group: list[RunRecord]) -> list[tuple[int, float, int]]:
@@ -356,16 +415,27 @@ def teacher_table(series: dict[str, list[RunRecord]], base: list[RunRecord]) -> 
     return "\n".join(lines) + "\n"
 
 
+def claims_table(results: list[ClaimResult], records: list[RunRecord]) -> str:
+    lines = ["| claim | better | worse | teacher SumR | seeds | SumR difference (mean) | 95% CI "
+             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = teacher_sumr_of(records, r.better)
+        lines.append(f"| {r.name} | {r.better} | {r.worse} | {_num(t)} | {len(r.seeds)} | "
+                     f"{r.mean:+.1f} | [{r.low:+.1f}, {r.high:+.1f}] | {r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def cost_table(records: list[RunRecord]) -> str:
-    lines = ["| variant | n | teacher ms/step (median) | samples/s (median) | wall s per run "
-             "(mean) | wall min, all runs |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | n | data ms/step | teacher ms/step | student ms/step | samples/s | "
+             "wall s per run (mean) | wall min, all runs |", "|---|---|---|---|---|---|---|---|"]
     for label, group in sorted(groups(records).items()):
         def med(attr: str) -> float | None:
             values = [getattr(r, attr) for r in group if getattr(r, attr) is not None]
             return statistics.median(values) if values else None
 
         walls = [r.wall_s for r in group if r.wall_s is not None]
-        lines.append(f"| {label} | {len(group)} | {_num(med('teacher_ms'))} | "
+        lines.append(f"| {label} | {len(group)} | {_num(med('data_ms'))} | "
+                     f"{_num(med('teacher_ms'))} | {_num(med('student_ms'))} | "
                      f"{_num(med('samples_s'))} | "
                      f"{_num(statistics.fmean(walls) if walls else None, '.0f')} | "
                      f"{_num(sum(walls) / 60 if walls else None)} |")
@@ -384,7 +454,7 @@ def runs_table(records: list[RunRecord]) -> str:
 
 
 def render(title: str, header: list[str], records: list[RunRecord], plots: dict[str, Path | None],
-           teacher_note: str) -> str:
+           teacher_note: str, claims: list[ClaimResult] = ()) -> str:
     series, base = teacher_series(records)
     scored = [r for r in records if r.scored]
     parts = [f"# {title}", "", *header, "",
@@ -392,8 +462,16 @@ def render(title: str, header: list[str], records: list[RunRecord], plots: dict[
              "validation weights on data.test) when every run of a row logged them, else each "
              "run's best validation evaluation (`val`); mean ± sample std over the row's n runs "
              "(no ± when n = 1).",
-             "", "## Ablation", "", ablation_table(ablation_rows(records)),
-             "## Teacher quality", ""]
+             "", "## Ablation", "", ablation_table(ablation_rows(records))]
+    if claims:
+        parts += ["## Claims", "", claims_table(claims, records),
+                  "Paired by seed: the SumR difference better - worse of each seed both variants "
+                  "ran; 95% CI: percentile bootstrap of the mean over seeds (10,000 draws). A "
+                  "claim holds when the whole CI is above 0, is reversed when it is below 0, and "
+                  "is not separable at this power otherwise.", ""]
+        if plots.get("kd_gain"):
+            parts += [f"![KD gain against teacher quality]({plots['kd_gain'].name})", ""]
+    parts += ["## Teacher quality", ""]
     if plots.get("teacher"):
         parts += [f"![teacher quality]({plots['teacher'].name})", "", teacher_table(series, base)]
     else:
@@ -402,9 +480,10 @@ def render(title: str, header: list[str], records: list[RunRecord], plots: dict[
               "Validation SumR at each evaluation, mean over the runs of a variant that reached "
               "that step (early stopping can end a seed sooner).", "",
               "## Compute cost", "", cost_table(scored),
-              "Teacher ms/step: median over each run's logged windows of `perf/teacher_ms`, then "
-              "over runs (0 = no teacher; it falls once the frame-embedding cache is warm). Wall: "
-              "`perf/wall_s`, set-up to clean-up of each run.", "",
+              "Per step: medians over each run's logged windows of `perf/data_ms` (waiting for the "
+              "batch), `perf/teacher_ms` (0 = no teacher; it falls once the frame-embedding cache "
+              "is warm) and `perf/student_ms` (forward, loss, backward, optimizer), then over "
+              "runs. Wall: `perf/wall_s`, set-up to clean-up of each run.", "",
               "## Runs", "", runs_table(records)]
     return "\n".join(parts)
 
@@ -445,9 +524,13 @@ def write_report(sweep: str | None = None, experiment: str | None = None,
         plots["teacher"] = plot_teacher_quality(series, base, folder / "teacher_quality.png")
     note = ("No teacher-quality plot: it needs distilled runs at two or more teachers with "
             "`teacher/SumR` logged (sweep `teacher_eval: true`).")
+    claims: list[ClaimResult] = []
+    if parent is not None and CLAIMS_PARAM in parent.data.params:
+        claims = claim_results(records, json.loads(parent.data.params[CLAIMS_PARAM]))
+        plots["kd_gain"] = plot_kd_gain(claims, records, folder / "kd_gain.png")
     path = folder / "report.md"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(title, header, records, plots, note))
+    tmp.write_text(render(title, header, records, plots, note, claims))
     tmp.replace(path)
     if parent is not None:
         for p in (path, *(p for p in plots.values() if p)):

@@ -58,6 +58,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 VARIANT_KEY = "variant"
 VARIANT_TAG = "dldkd.variant"
 VARIANT_PARAM = "sweep.variant"
+CLAIMS_PARAM = "sweep.claims"   # on the parent run: what `dldkd report` tests
 # Keys a sweep must not vary: they are each trial's identity, set by the sweep.
 IDENTITY_KEYS = ("run.name", "run.storage", "tracking.uri", "tracking.parent_run_id")
 
@@ -94,6 +95,9 @@ class SweepSpec:
     # Before a trial that uses a teacher trains, score the teacher alone on data.val and log
     # teacher/* metrics on the trial's run (teacher-quality studies; cached per teacher).
     teacher_eval: bool = False
+    # Claim name -> {better: variant, worse: variant, series: optional plot series}: the paired
+    # comparisons `dldkd report` tests (difference in SumR by seed, bootstrap 95% CI, verdict).
+    claims: dict[str, dict] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ the YAML section
@@ -118,8 +122,26 @@ def parse_sweep(raw: dict | None, cfg: Config) -> SweepSpec:
     spec = SweepSpec(scheduler=SchedulerSpec(**sched_raw), **raw)
     _check_fields(spec, cfg)
     check_variants(spec.variants, spec.space, cfg)
+    check_claims(spec.claims, spec.variants)
     tune_space(spec, cfg)
     return spec
+
+
+def check_claims(claims: Any, variants: dict) -> None:
+    """Each claim compares two variants of this sweep."""
+    if not isinstance(claims, dict):
+        raise ConfigError(f"sweep.claims must be a mapping of name -> {{better, worse}}, got "
+                          f"{claims!r}")
+    for name, claim in claims.items():
+        where = f"sweep.claims.{name}"
+        if not isinstance(claim, dict) or not {"better", "worse"} <= set(claim) \
+                or set(claim) - {"better", "worse", "series"}:
+            raise ConfigError(f"{where} must be {{better: VARIANT, worse: VARIANT}} with an "
+                              f"optional series, got {claim!r}")
+        for side in ("better", "worse"):
+            if claim[side] not in variants:
+                raise ConfigError(f"{where}.{side}={claim[side]!r} is not a variant of this "
+                                  f"sweep; variants are {sorted(variants)}")
 
 
 def _check_fields(spec: SweepSpec, cfg: Config) -> None:
@@ -342,8 +364,10 @@ def tracking_uri(cfg: Config, spec: SweepSpec) -> str:
 
 def report_dir(cfg: Config, spec: SweepSpec) -> Path:
     """Local folder for the sweep's table, plot and MLflow spool."""
+    from trainer.storage import is_remote
+
     root = experiment_path(cfg, spec)
-    if "://" in root:
+    if is_remote(root):
         return Path(tempfile.gettempdir()) / "dldkd-sweeps" / spec.name
     return Path(root)
 
@@ -381,7 +405,7 @@ def trial_config(base: dict, values: dict[str, Any], *, sweep: str, trial_id: st
 
 def _trial(values: dict, *, base: dict, sweep: str, storage: str, uri: str,
            parent_run_id: str, variants: dict[str, dict], teacher_eval_dir: str | None,
-           cwd: str) -> None:
+           cwd: str, env: dict[str, str]) -> None:
     """Tune function trainable: fit one Ray Train run; its reports reach Tune via the callback."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -395,7 +419,7 @@ def _trial(values: dict, *, base: dict, sweep: str, storage: str, uri: str,
     cfg = trial_config(base, values, sweep=sweep, trial_id=tune.get_context().get_trial_id(),
                        storage=storage, uri=uri, parent_run_id=parent_run_id, variants=variants)
     label_trial_run(cfg, values.get(VARIANT_KEY), teacher_eval_dir)
-    build_trainer(cfg, name=cfg.run.name, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, name=cfg.run.name, callbacks=[TuneReportCallback()], env=env).fit()
 
 
 def label_trial_run(cfg: Config, variant: str | None, teacher_eval_dir: str | None) -> None:
@@ -406,7 +430,7 @@ def label_trial_run(cfg: Config, variant: str | None, teacher_eval_dir: str | No
     Records go through the run folder's spool, which the rank-0 tracker replays if MLflow
     is down now.
     """
-    from trainer.recipe import run_dir
+    from trainer.storage import local_run_dir
     from trainer.tracking import Tracker
 
     teacher = None
@@ -415,7 +439,7 @@ def label_trial_run(cfg: Config, variant: str | None, teacher_eval_dir: str | No
     if variant is None and teacher is None:
         return
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
-                      run_dir(cfg) / "mlflow-spool.jsonl",
+                      local_run_dir(cfg.run.storage, cfg.run.name) / "mlflow-spool.jsonl",
                       parent_run_id=cfg.tracking.parent_run_id)
     tracker.start({VARIANT_PARAM: variant} if variant else {},
                   {VARIANT_TAG: variant} if variant else {})
@@ -565,7 +589,9 @@ def _parent_tracker(cfg: Config, spec: SweepSpec, uri: str):
     folder = report_dir(cfg, spec)
     tracker = Tracker(uri, cfg.tracking.experiment, spec.name, folder / "mlflow-spool.jsonl",
                       system_metrics=False)
-    params = {f"sweep.{k}": v for k, v in asdict(spec).items() if k not in ("space", "variants")}
+    params = {f"sweep.{k}": v for k, v in asdict(spec).items()
+              if k not in ("space", "variants", "claims")}
+    params[CLAIMS_PARAM] = json.dumps(spec.claims, sort_keys=True)
     params.update({f"sweep.space.{k}": json.dumps(v) for k, v in spec.space.items()})
     params.update({f"sweep.variants.{k}": json.dumps(v) for k, v in spec.variants.items()})
     params.update(cfg.flat())
@@ -596,7 +622,11 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from launch.train import storage_path
+    from trainer.storage import endpoint_env
 
+    # Only evaluations carry the metric; a report with just a checkpoint does not, and ASHA
+    # skips it. Tune would otherwise stop the sweep at the first such report.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     space = tune_space(spec, cfg)
     path = experiment_path(cfg, spec)
     uri = tracking_uri(cfg, spec)
@@ -612,7 +642,8 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
                              storage=f"{path}/trials", uri=uri, parent_run_id=parent_id,
                              variants=spec.variants,
                              teacher_eval_dir=str(report_dir(cfg, spec) / "teacher-eval")
-                             if spec.teacher_eval else None, cwd=os.getcwd()),
+                             if spec.teacher_eval else None, cwd=os.getcwd(),
+                             env=endpoint_env()),
         {"CPU": spec.trial_cpus})
     if spec.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=spec.scheduler.max_t,
@@ -696,6 +727,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="sweep YAML (configs/sweep-*.yaml)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray cluster (default: the machine's)")
     parser.add_argument("overrides", nargs="*",
                         help="key.sub=value config overrides; sweep.key=value for the sweep")
 
@@ -706,7 +739,7 @@ def run(args: argparse.Namespace) -> SweepResult:
 
     setup_logging()
     cfg, spec = load_sweep(args.config, args.overrides)
-    init_ray(args.address)
+    init_ray(args.address, getattr(args, "num_cpus", None))
     return run_sweep(cfg, spec)
 
 

@@ -13,14 +13,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from trainer import storage
 from trainer.config import Config, from_dict, load_config
 from trainer.recipe import setup_logging
 
 # Environment every worker process needs (Ray workers do not inherit a driver's os.environ
 # on a remote node, so it travels in the runtime env).
+# Hugging Face hub settings go along only where the launching environment sets them: whether
+# teacher weights may be downloaded is the user's choice, never forced here.
 WORKER_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    **{k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "HF_ENDPOINT") if k in os.environ},
 }
 # OMP_NUM_THREADS is left to Ray, which sets it to each worker's dist.cpus_per_worker.
 
@@ -69,12 +72,14 @@ def _worker(loop_config: dict) -> None:
 
 def storage_path(cfg: Config) -> str:
     """Ray needs an absolute local path or a URI."""
-    if "://" in cfg.run.storage:
-        return cfg.run.storage
-    return str(Path(cfg.run.storage).resolve())
+    return storage.absolute(cfg.run.storage)
 
 
-def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None = None):
+def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None = None,
+                  env: dict[str, str] | None = None):
+    """The run's ``TorchTrainer``. ``env``: the object-store endpoint variables the workers get
+    (default: this process's, see ``trainer.storage.endpoint_env``); the config itself already
+    carries what was resolved from the environment where it was loaded."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -93,12 +98,15 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
             name=name or cfg.run.name, storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or [], worker_runtime_env={"env_vars": WORKER_ENV}),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": {
+                **(storage.endpoint_env() if env is None else env), **WORKER_ENV}}),
     )
 
 
-def init_ray(address: str | None) -> None:
-    """Join the cluster ``ray job submit`` started us in, or start a local one."""
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster ``ray job submit`` started us in, or start a local one (with
+    ``num_cpus`` logical CPUs: more than the cores runs more trials side by side)."""
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -108,7 +116,7 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False, configure_logging=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
+from sharding.splits import val_is_test
 from trainer import checkpoint as ckpt
 from trainer import best, dist, storage
 from trainer.config import Config, save_yaml
@@ -136,6 +136,10 @@ class Recipe:
             self.tracker.start(cfg.flat(), {"dldkd.world_size": str(self.dist.world_size),
                                             "dldkd.node_ranks": json.dumps(node_ranks)})
             self.tracker.log_artifact(self.dir / "config.yaml")
+            val_note = val_is_test(cfg.data.val, cfg.data.test)
+            if val_note:
+                log.warning(val_note)
+                self.tracker.set_tags({"dldkd.val_is_test": "true"})
 
     def _load_gallery(self, source: str) -> EvalGallery:
         from sharding.reader import read_all
@@ -356,7 +360,8 @@ class Recipe:
         metrics.update({"train/lr": self.engine.get_lr()[0], "perf/samples_s": rates["samples_s"],
                         "perf/data_wait_pct": rates["data_pct"],
                         "perf/teacher_pct": rates["teacher_pct"],
-                        "perf/teacher_ms": rates["teacher_ms"], "epoch": st.epoch})
+                        "perf/data_ms": rates["data_ms"], "perf/teacher_ms": rates["teacher_ms"],
+                        "perf/student_ms": rates["student_ms"], "epoch": st.epoch})
         self.tracker.log_metrics(metrics, st.step)
         if self.dist.is_main:
             parts = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
@@ -397,7 +402,7 @@ class _Timer:
         return {"samples_s": self.samples / wall, "step_s": wall / steps,
                 "data_pct": 100 * self.phases["data"] / wall,
                 "teacher_pct": 100 * self.phases["teacher"] / wall,
-                "teacher_ms": 1000 * self.phases["teacher"] / steps}
+                **{f"{k}_ms": 1000 * v / steps for k, v in self.phases.items()}}
 
 
 def _gathered(engine, stage: int):
@@ -476,4 +481,3 @@ def setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,5 @@
-"""configs/ablation.yaml: it validates, its variants share one setting, and each trains a step."""
+"""configs/ablation.yaml: it validates, its variants share one setting, its claims compare its
+variants, and each variant trains a step."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,16 +13,18 @@ ROOT = Path(__file__).resolve().parents[2]
 ABLATION = ROOT / "configs" / "ablation.yaml"
 # What each variant must be (SPEC 5 ablation switches): branches, KD, targets, shuffle.
 EXPECTED = {
-    "exploration_only": ("exploration", "off", "hard", False),
-    "inheritance_only": ("inheritance", "dynamic", "soft", False),
-    "dldkd": ("dual", "dynamic", "hard", False),
-    "dldkd_static": ("dual", "static", "hard", False),
     "dldkdpp": ("dual", "dynamic", "soft", False),
+    "inheritance_only": ("inheritance", "dynamic", "soft", False),
+    "dldkdpp_static": ("dual", "static", "soft", False),
+    "dldkd": ("dual", "dynamic", "hard", False),
+    "exploration_only": ("exploration", "off", "hard", False),
     "dldkdpp_shuffled": ("dual", "dynamic", "soft", True),
     "dldkdpp_teacher10": ("dual", "dynamic", "soft", False),
+    "dldkdpp_static_teacher10": ("dual", "static", "soft", False),
     "dldkdpp_teacher50": ("dual", "dynamic", "soft", False),
-    "dldkdpp_teacher150": ("dual", "dynamic", "soft", False),
+    "dldkdpp_static_teacher50": ("dual", "static", "soft", False),
 }
+SEEDS = [1, 2, 3, 4, 5]
 
 
 def variant_config(spec, cfg, name: str, seed: int = 1, storage: str = "/tmp/s/trials",
@@ -32,22 +35,42 @@ def variant_config(spec, cfg, name: str, seed: int = 1, storage: str = "/tmp/s/t
                               storage=storage, uri=uri, parent_run_id="", variants=spec.variants)
 
 
-def test_ablation_sweep_is_nine_variants_by_three_seeds() -> None:
+def test_ablation_sweep_is_ten_variants_by_five_paired_seeds() -> None:
     cfg, spec = sweep.load_sweep(ABLATION, [])
     assert list(spec.variants) == list(EXPECTED)
-    assert spec.space == {"train.seed": {"grid": [1, 2, 3]}}
+    assert spec.space == {"train.seed": {"grid": SEEDS}}
     assert spec.search_alg == "grid" and spec.num_samples == 1 and spec.teacher_eval
     space = sweep.tune_space(spec, cfg)
-    assert space == {"train.seed": {"grid_search": [1, 2, 3]},
+    assert space == {"train.seed": {"grid_search": SEEDS},
                      sweep.VARIANT_KEY: {"grid_search": list(EXPECTED)}}
+    # the horizon spans the run: the schedules traverse the paper's 120 epochs
+    assert cfg.loss.schedule_epochs == 120
     for name, (branches, kd, targets, shuffle) in EXPECTED.items():
         c = variant_config(spec, cfg, name)
         assert (c.model.branches, c.loss.kd, c.loss.targets, c.loss.shuffle_teacher) == (
             branches, kd, targets, shuffle), name
         assert c.uses_teacher() == (name != "exploration_only")
-    assert variant_config(spec, cfg, "dldkd_static").loss.kd_static_weight == 0.1
+    assert variant_config(spec, cfg, "dldkdpp_static").loss.kd_static_weight == 0.1
     teachers = {variant_config(spec, cfg, n).teacher.pretrained for n in EXPECTED if "dldkdpp" in n}
-    assert len(teachers) == 4  # the teacher-quality axis: 10, 50, 150, 400 pretraining steps
+    assert len(teachers) == 3  # the teacher-quality axis: 10, 50, 400 pretraining steps
+
+
+def test_claims_compare_variants_that_differ_in_the_claimed_switch_only() -> None:
+    cfg, spec = sweep.load_sweep(ABLATION, [])
+    assert set(spec.claims) >= {"dual_beats_single_branch", "dynamic_beats_static_kd",
+                                "soft_beats_hard_targets", "teacher_beats_no_teacher",
+                                "teacher_beats_shuffled_teacher"}
+    for name, claim in spec.claims.items():
+        a = variant_config(spec, cfg, claim["better"]).flat()
+        b = variant_config(spec, cfg, claim["worse"]).flat()
+        differ = {k for k in a if a[k] != b[k]} - {"run.name"}
+        assert differ and differ <= {"model.branches", "loss.kd", "loss.targets",
+                                     "loss.shuffle_teacher", "teacher.pretrained"}, (name, differ)
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sweep.claims.x.worse='nope' is not a variant"):
+        sweep.parse_sweep({"variants": {"a": {"loss.kd": "off"}},
+                           "claims": {"x": {"better": "a", "worse": "nope"}}}, cfg)
 
 
 def test_variants_share_one_setting_the_tiny_preset() -> None:
@@ -60,8 +83,8 @@ def test_variants_share_one_setting_the_tiny_preset() -> None:
     assert differing <= allowed
     tiny = load_config(ROOT / "configs" / "tiny.yaml").flat()
     for key, value in cfg.flat().items():
-        if key.split(".")[0] in ("model", "optim", "train") or (
-                key.startswith("loss.") and key not in allowed):
+        if key.split(".")[0] in ("model", "optim") or (
+                key.startswith("loss.") and key not in allowed | {"loss.schedule_epochs"}):
             assert value == tiny[key], key
 
 
@@ -107,13 +130,13 @@ def test_every_variant_trains_one_step(name: str, world: Path, tiny_teacher: str
     terms = {k.split("/", 1)[1] for k in run.data.metrics if k.startswith("train/")}
     branches, kd, targets, _ = EXPECTED[name]
     names = {"dual": ("inh", "exp"), "inheritance": ("inh",), "exploration": ("exp",)}[branches]
-    expected = {f"{b}_{t}" for b in names for t in ("trip", "nce")} | {"loss", "lambda", "lr"}
+    expected = {f"{b}_{t}" for b in names for t in ("trip", "nce")} | {
+        "loss", "lambda", "alpha", "beta", "schedule_epoch", "lr"}
     if kd != "off":
         expected.add("inh_kd")
-    if targets == "soft":
-        expected |= {"alpha", "beta"}
     assert terms == expected
     assert run.data.metrics["train/lambda"] == (0.0 if kd == "off" else 0.1)
+    assert run.data.metrics["train/alpha"] == pytest.approx(1.0 if targets == "hard" else 0.8 * 800 / 801)
 
 
 @pytest.mark.slow

@@ -53,7 +53,8 @@ def fabricate(tmp: Path, name: str, runs: dict) -> str:
                 run.log_metrics({"teacher/SumR": teacher, "teacher/R1": teacher / 10}, 0)
             for step, sumr in zip(STEPS, history):
                 run.log_metrics({"perf/teacher_ms": 0.0 if variant == "exploration_only"
-                                 else 40.0 + step, "perf/samples_s": 100.0 + step}, step)
+                                 else 40.0 + step, "perf/samples_s": 100.0 + step,
+                                 "perf/data_ms": 5.0, "perf/student_ms": 100.0 + step}, step)
                 # R@k carry the SumR so the best-eval row can be checked column by column
                 run.log_metrics({"val/SumR": sumr, "val/R1": sumr / 10, "val/R5": sumr / 5,
                                  "val/R10": sumr / 4, "val/R100": sumr / 2}, step)
@@ -133,8 +134,9 @@ def test_report_of_a_finished_sweep(store: str, tmp_path: Path, capsys) -> None:
         ["dldkdpp", "teacher-step10.pt", "115.0", f"{pm([140.0, 150.0])} (2)", baseline, "-15.0"],
         ["dldkdpp", "teacher.pt", "181.0", f"{pm([180.0, 186.0, 183.0])} (3)", baseline, "+23.0"]]
     cost = table(text, "Compute cost")
-    assert cost["exploration_only"][:2] == ["3", "0.0"]
-    assert cost["dldkdpp"][1:] == ["60.0", "120.0", "120", "6.0"]  # median of 50/60/70 ms
+    assert cost["exploration_only"][:3] == ["3", "5.0", "0.0"]
+    # medians over steps 10/20/30: teacher 50/60/70 ms, student 110/120/130 ms
+    assert cost["dldkdpp"][1:] == ["5.0", "60.0", "120.0", "120.0", "120", "6.0"]
     runs = table(text, "Runs")
     assert len(runs) == 10 and [v[2] for v in runs.values()].count("KILLED") == 1
 
@@ -145,10 +147,34 @@ def test_report_of_a_finished_sweep(store: str, tmp_path: Path, capsys) -> None:
     client = MlflowClient(store)
     parent = report.find_sweep(client, "abl", store)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
-        "report/report.md", "report/curves.png", "report/teacher_quality.png"}
+        "report/report.md", "report/curves.png", "report/teacher_quality.png",
+        "report/kd_gain.png"}
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_claims_pair_seeds_and_give_verdicts(store: str, tmp_path: Path) -> None:
+    """The sweep's claims (configs/ablation.yaml) on the fabricated runs: only claims whose two
+    variants ran appear, paired by seed, with the verdict the differences force."""
+    out = tmp_path / "r"
+    text = report.write_report(sweep="abl", tracking_uri=store, out=out).read_text()
+    claims = table(text, "Claims")
+    assert set(claims) == {"teacher_beats_no_teacher", "soft_beats_hard_targets",
+                           "teacher10_beats_no_teacher"}
+    # dldkdpp vs exploration_only, test SumR by seed: 180-150, 186-160, 183-170
+    better, worse, teacher, n, mean, ci, verdict = claims["teacher_beats_no_teacher"]
+    assert (better, worse, teacher, n) == ("dldkdpp", "exploration_only", "181.0", "3")
+    assert mean == f"{(30 + 26 + 13) / 3:+.1f}" and verdict == "holds"
+    low, high = (float(x) for x in ci.strip("[]").split(","))
+    assert 13 <= low < (30 + 26 + 13) / 3 < high <= 30
+    # dldkd has no test split: best val on both sides (180 vs 175), one common seed
+    assert claims["soft_beats_hard_targets"][3:] == ["1", "+5.0", "[+5.0, +5.0]", "holds"]
+    # the 10-step teacher loses to no teacher by 10 on both common seeds
+    assert claims["teacher10_beats_no_teacher"][3:] == ["2", "-10.0", "[-10.0, -10.0]",
+                                                         "reversed"]
+    assert (out / "kd_gain.png").read_bytes()[:8] == PNG
+
+
 def test_unknown_sweep_fails_naming_the_sweeps_there(store: str, capsys) -> None:
     assert cli(["report", "--sweep", "nope", "--tracking-uri", store]) == 2
     err = capsys.readouterr().err

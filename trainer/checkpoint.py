@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,53 @@ import numpy as np
 import torch
 
 ENGINE_TAG = "state"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be trusted or read; the message names it and what to do."""
+
+
+def _deepspeed_classes() -> list:
+    """The only classes DeepSpeed's own checkpoint files name besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path, map_location=None):
+    """``torch.load(weights_only=True)`` with DeepSpeed's state classes allowed; a file that
+    names anything else (a pickled payload) is refused before any of it runs."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_deepspeed_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        named = re.search(r"Unsupported global: GLOBAL [\w.]+", str(err))
+        why = named.group(0) if named else f"{type(err).__name__}: {str(err)[:200]}"
+        raise CheckpointError(
+            f"refused to load checkpoint file {path} ({why}). It holds objects other than "
+            "tensors and DeepSpeed's state, or is damaged; dldkd never writes such files. "
+            "Delete that checkpoint folder (training resumes from the previous one) or set "
+            "run.resume=never to start over") from None
+
+
+def weights_only_resume(engine) -> None:
+    """Route every file a DeepSpeed engine's ``load_checkpoint`` reads through
+    :func:`load_weights_only` (DeepSpeed's own engine unpickles with ``weights_only=False``)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_weights_only(path, map_location)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise CheckpointError(f"unexpected DeepSpeed checkpoint engine "
+                              f"{type(engine.checkpoint_engine).__name__}: remove "
+                              "checkpoint_engine settings from the DeepSpeed config")
+    engine.checkpoint_engine = WeightsOnly(engine._config)
 
 
 @dataclass
@@ -75,7 +123,7 @@ def load_rank_rng(folder: Path, rank: int) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: checkpoint {folder} is incomplete or was "
                                 "written by fewer workers; resume on the original worker count")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_weights_only(path, map_location="cpu")
 
 
 def _to_lists(x):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.checkpoint import load_weights_only, weights_only_resume
 from trainer.config import Config
 from trainer.optim import build_optimizer, build_scheduler
 
@@ -55,6 +56,7 @@ def build_engine(cfg: Config, model: nn.Module, total_steps: int, world_size: in
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
                                            config=ds_config(cfg, world_size))
+    weights_only_resume(engine)
     return engine
 
 
@@ -99,7 +101,7 @@ class PlainEngine:
 
     def load_checkpoint(self, load_dir: str | Path, tag: str):
         path = Path(load_dir) / tag / "state.pt"
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path, map_location="cpu")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])

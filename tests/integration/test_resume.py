@@ -74,3 +74,34 @@ def test_resume_refuses_other_worker_count(world, tmp_path):
     recipe = Recipe(load_config("configs/tiny.yaml", over))
     with pytest.raises(FileNotFoundError, match="worker count"):
         recipe.setup()
+
+
+class _Payload:
+    """What an attacker plants: unpickling it would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+@pytest.mark.parametrize("engine_file", ["mp_rank_00_model_states.pt", "rng-rank0.pt"])
+def test_resume_refuses_a_planted_pickle_payload(world, tmp_path, engine_file):
+    import torch
+
+    from trainer.checkpoint import CheckpointError
+
+    over = tiny_overrides(world, tmp_path, **{"train.epochs": 1}) + [
+        "loss.kd=off", "loss.targets=hard", "run.name=p", "dist.zero_stage=2"]
+    _run(load_config("configs/tiny.yaml", over))
+    folder = latest(tmp_path / "p" / "checkpoints")
+    target = next(folder.rglob(engine_file))
+    marker = tmp_path / "payload-ran"
+    torch.save({"module": _Payload(marker)}, target)
+    recipe = Recipe(load_config("configs/tiny.yaml", over))
+    with pytest.raises(CheckpointError, match=f"refused to load checkpoint file .*{engine_file}"):
+        recipe.setup()
+    assert not marker.exists()

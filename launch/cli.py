@@ -6,7 +6,6 @@ Heavy imports (torch, Ray, MLflow) happen inside each subcommand so ``--help`` i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -20,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dldkd", description="DL-DKD++ for Partially Relevant Video Retrieval: shards, "
         "online CLIP teacher, DeepSpeed workers on Ray, sweeps, MLflow.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     shard = sub.add_parser("shard", help="write WebDataset shards (MS-SL release or synthetic)",
@@ -140,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(exc: BaseException) -> BaseException | None:
+    """The error a user can fix (bad config, YAML, data, checkpoint, teacher weights), also when
+    it reaches us wrapped by Ray or re-raised from another; None for anything else (a bug)."""
+    from sharding.reader import BadDataError
+
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, (ValueError, FileNotFoundError, BadDataError)):
+            return exc
+        exc = exc.__cause__ or getattr(exc, "cause", None) or exc.__context__
+        seen += 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from launch import commands
@@ -148,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except KeyboardInterrupt:
+        print(f"dldkd {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:
-        # Config and input errors are the user's to fix: print the message, not a traceback.
-        if os.environ.get("DLDKD_DEBUG"):
+    except Exception as exc:  # noqa: BLE001 - sorted into the user's errors and bugs below
+        known = user_error(exc)
+        if known is None or args.debug:
             raise
-        print(f"dldkd {args.command}: error: {exc}", file=sys.stderr)
+        # The user's to fix: one message naming the file, key or shard, not a traceback.
+        print(f"dldkd {args.command}: error: {known}\n(run with --debug for the traceback)",
+              file=sys.stderr)
         return 2
 
 

@@ -145,20 +145,28 @@ def latest(root: Path) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if (candidate / "client.json").is_file():
             return candidate
-    done = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp")
+    done = sorted(p for p in root.glob("step-*") if not p.name.endswith((".tmp", ".old"))
                   and (p / "client.json").is_file())
     return done[-1] if done else None
 
 
 def publish(tmp_dir: Path, final_dir: Path, keep: int = 2) -> None:
-    """Make a fully written checkpoint visible (rename), point ``latest`` at it, prune old ones."""
+    """Make a fully written checkpoint visible (rename), point ``latest`` at it, prune old ones.
+
+    A folder of the same step already there (a rerun of that step) is moved aside first and
+    removed only once the new one is in place, so a crash at any point leaves one complete copy.
+    """
+    aside = final_dir.with_name(final_dir.name + ".old")
     if final_dir.exists():
-        shutil.rmtree(final_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+        final_dir.rename(aside)
     tmp_dir.rename(final_dir)
+    shutil.rmtree(aside, ignore_errors=True)
     pointer_tmp = final_dir.parent / "latest.tmp"
     pointer_tmp.write_text(final_dir.name)
     pointer_tmp.replace(final_dir.parent / "latest")
-    done = sorted(p for p in final_dir.parent.glob("step-*") if not p.name.endswith(".tmp"))
+    done = sorted(p for p in final_dir.parent.glob("step-*")
+                  if not p.name.endswith((".tmp", ".old")))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

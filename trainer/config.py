@@ -104,6 +104,10 @@ class DataConfig:
     steps_per_epoch: int = 0
     loader_workers: int = 2
     resampled: bool = True
+    # Every training video once per epoch, in a fresh order across shards, the same number of
+    # steps on every rank (sharding/epochs.py); steps_per_epoch > 0 then cuts epochs short.
+    # False: `resampled` decides (streaming, for data too large to index).
+    true_epochs: bool = False
     shuffle_buffer: int = 256
     max_bad_fraction: float = 0.01
     eval_batch_videos: int = 256
@@ -141,6 +145,8 @@ class TrainConfig:
     seed: int = 9527
     max_eval_queries: int = 0
     deterministic: bool = False
+    # On SIGTERM/SIGINT: seconds allowed to reach the next log step and save a checkpoint.
+    stop_grace_s: float = 300.0
     # Re-check tensor values inside the step (labels, NaN, empty masks): each check is a
     # device-to-host sync, so it is off in training; inputs are validated where they enter.
     debug: bool = False
@@ -268,6 +274,7 @@ RANGES: list[tuple[str, float, float, bool]] = [
     ("train.ckpt_every", 0, float("inf"), True),
     ("train.log_every", 1, float("inf"), True),
     ("train.max_eval_queries", 0, float("inf"), True),
+    ("train.stop_grace_s", 0, float("inf"), False),
     ("dist.num_workers", 1, 4096, True),
     ("dist.cpus_per_worker", 0, 1024, True),
     ("dist.zero_stage", 0, 3, True),
@@ -433,7 +440,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file "
+                          "(indentation, a missing ':' or an unclosed bracket or quote)") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return tree

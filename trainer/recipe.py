@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -107,7 +110,8 @@ class Recipe:
             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
             max_bad_fraction=cfg.data.max_bad_fraction, max_words=cfg.model.max_words,
             video_dim=cfg.model.video_dim, query_dim=cfg.model.query_dim,
-            teacher_frames=cfg.uses_teacher() and cfg.teacher.placement != "precomputed")
+            teacher_frames=cfg.uses_teacher() and cfg.teacher.placement != "precomputed",
+            true_epochs=cfg.data.true_epochs)
         self.steps_per_epoch = self.reader.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if self.gallery is None and cfg.data.val:
@@ -176,6 +180,14 @@ class Recipe:
         # The first step whose loss was not finite, kept on the device and read only where the
         # loop reads values anyway (log, eval, checkpoint), so no step waits for the device.
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        with StopOnSignals(cfg.train.stop_grace_s) as stop:
+            self._loop(timer, bar, eval_every, ckpt_every, stop)
+        bar.close()
+        return st
+
+    def _loop(self, timer: "_Timer", bar, eval_every: int, ckpt_every: int,
+              stop: "StopOnSignals") -> None:
+        cfg, st = self.cfg, self.state
         while st.epoch < cfg.train.epochs and not st.stopped_early:
             batches = self.reader.epoch(st.epoch, st.step_in_epoch)
             while st.step_in_epoch < self.steps_per_epoch:
@@ -191,6 +203,9 @@ class Recipe:
                 save = st.step % ckpt_every == 0 or st.step == self.total_steps
                 if st.step % cfg.train.log_every == 0 or st.step == 1 or evaluate or save:
                     self._raise_if_diverged()
+                    if stop.agreed():   # a signal on any rank: save, then stop every rank
+                        self.save({"step": st.step})
+                        raise Stopped(stop.signum or signal.SIGTERM, st.step, cfg.run.name)
                 if st.step % cfg.train.log_every == 0 or st.step == 1:
                     self._log_step(terms, weights, timer)
                 metrics = None
@@ -206,8 +221,6 @@ class Recipe:
             if st.step_in_epoch >= self.steps_per_epoch:
                 st.epoch += 1
                 st.step_in_epoch = 0
-        bar.close()
-        return st
 
     def weights(self) -> LossWeights:
         """This step's lambda/alpha/beta (one pure function of the config and progress)."""
@@ -370,6 +383,58 @@ class Recipe:
                      self.engine.get_lr()[0], rates["samples_s"], rates["data_pct"],
                      rates["teacher_pct"], _fmt_eta(remaining))
         timer.reset()
+
+
+class Stopped(Exception):
+    """The run stopped on SIGTERM/SIGINT after saving a checkpoint; the message says how to
+    resume."""
+
+    def __init__(self, signum: int, step: int, run_name: str):
+        self.signum = int(signum)
+        super().__init__(f"run {run_name} stopped by {signal.Signals(self.signum).name} at step "
+                         f"{step} with a checkpoint saved; relaunch the same command (run.name="
+                         f"{run_name}) to resume")
+
+
+class StopOnSignals:
+    """SIGTERM (what Kubernetes and Ray send on preemption) and SIGINT ask the loop to stop at
+    its next log, evaluation or checkpoint step, where the ranks agree and save a checkpoint. A
+    second signal, or ``grace_s`` seconds without reaching that point, ends the process at once.
+    Handlers are installed only in the main thread (Ray Train workers run in another thread;
+    Ray handles their preemption)."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> "StopOnSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        log.warning("%s received: saving a checkpoint at the next log step (within %.0f s; "
+                    "signal again to stop now)", signal.Signals(signum).name, self.grace_s)
+        self._timer = threading.Timer(self.grace_s, os._exit, (128 + signum,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def agreed(self) -> bool:
+        """Whether any rank was signalled (a collective: every rank calls it at the same step)."""
+        flag = torch.tensor([1 if self.signum else 0])
+        return bool(dist.all_reduce_sum(flag).item())
 
 
 class _Timer:

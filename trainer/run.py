@@ -7,9 +7,10 @@ system when ranks are on several nodes) and ``run.resume: auto`` continues from 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from trainer.config import load_config
-from trainer.recipe import Recipe, setup_logging
+from trainer.recipe import Recipe, Stopped, setup_logging
 
 
 def train(cfg, reporter=None, device=None, use_deepspeed: bool = True):
@@ -22,6 +23,10 @@ def train(cfg, reporter=None, device=None, use_deepspeed: bool = True):
         recipe.test()
         status = "FINISHED"
         return state
+    except Stopped as stop:
+        status = "KILLED"
+        print(stop, file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     finally:
         recipe.cleanup(status)
 

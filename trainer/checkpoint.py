@@ -171,8 +171,19 @@ def publish(tmp_dir: Path, final_dir: Path, keep: int = 2) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_client_json(folder: Path, state: TrainState, schedule: dict) -> None:
-    payload = {"state": state.to_dict(), "schedule": schedule}
+def write_client_json(folder: Path, state: TrainState, schedule: dict, config: dict) -> None:
+    """The position, schedule values and flat config of a checkpoint, readable before loading
+    it (a relaunch compares its config with this one first)."""
+    payload = {"state": state.to_dict(), "schedule": schedule, "config": config}
     tmp = folder / "client.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(folder / "client.json")
+
+
+def read_client_json(folder: Path) -> dict:
+    path = Path(folder) / "client.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path} ({err}): the checkpoint is incomplete or "
+                              "damaged; delete that folder to resume from the previous one") from None

@@ -319,6 +319,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
 
 
+# What a relaunch of an existing run (same run.name) may change: length, evaluation, logging,
+# I/O and fault-tolerance settings. Any other change needs a new run.name (docs/training.md).
+RESUMABLE = ("train.epochs", "train.early_stop", "train.eval_every", "train.ckpt_every",
+             "train.log_every", "train.max_eval_queries", "train.stop_grace_s", "train.debug",
+             "data.train", "data.val", "data.test", "data.loader_workers",
+             "data.max_bad_fraction", "teacher.cache", "teacher.cache_mem_mb", "teacher.cache_dir",
+             "teacher.image_batch", "dist.max_failures", "dist.timeout_s", "dist.cpus_per_worker",
+             "dist.placement_strategy", "tracking.", "run.")
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any]
+                   ) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(allowed, refused) differences between a checkpoint's flat config and this one, each
+    ``key -> (old, new)``; keys unknown to one side count as changed."""
+    allowed, refused = {}, {}
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+            old, new = list(old), list(new)
+        if old == new:
+            continue
+        ok = any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+        (allowed if ok else refused)[key] = (old, new)
+    return allowed, refused
+
+
 def _check_types(obj: Any, prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from sharding.splits import val_is_test
 from trainer import checkpoint as ckpt
 from trainer import best, dist, storage
-from trainer.config import Config, save_yaml
+from trainer.config import RESUMABLE, Config, ConfigError, resume_changes, save_yaml
 from trainer.engine import build_engine
 from trainer.losses import total_loss
 from trainer.metrics import EvalGallery, build_gallery, encode_gallery, rank_counts, rank_metrics
@@ -140,6 +140,11 @@ class Recipe:
             self.tracker.start(cfg.flat(), {"dldkd.world_size": str(self.dist.world_size),
                                             "dldkd.node_ranks": json.dumps(node_ranks)})
             self.tracker.log_artifact(self.dir / "config.yaml")
+            if self.resumed_changes:   # params keep their first values; the changes are tags
+                log.info("resuming with changed %s", ", ".join(
+                    f"{k} {old!r} -> {new!r}" for k, (old, new) in self.resumed_changes.items()))
+                self.tracker.set_tags({f"dldkd.resume_changed.{k}": f"{old!r} -> {new!r}"
+                                       for k, (old, new) in self.resumed_changes.items()})
             val_note = val_is_test(cfg.data.val, cfg.data.test)
             if val_note:
                 log.warning(val_note)
@@ -154,9 +159,19 @@ class Recipe:
         return build_gallery(samples, self.cfg.model.max_words)
 
     def _restore(self) -> None:
+        self.resumed_changes: dict[str, tuple] = {}
         found = self.reporter.restore_dir()
         if found is None:
             return
+        saved = ckpt.read_client_json(found).get("config")
+        if saved is not None:
+            self.resumed_changes, refused = resume_changes(saved, self.cfg.flat())
+            if refused:
+                diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+                raise ConfigError(
+                    f"run.name={self.cfg.run.name!r} already has checkpoint {found} written with "
+                    f"another config ({diff}). Resuming may change only {', '.join(RESUMABLE)}; "
+                    "give this config a new run.name, or undo the change to resume")
         _, client = self.engine.load_checkpoint(str(found), ckpt.ENGINE_TAG)
         if client.get("world_size") != self.dist.world_size:
             raise RuntimeError(
@@ -300,7 +315,7 @@ class Recipe:
         self.engine.save_checkpoint(str(staged), ckpt.ENGINE_TAG, client_state=client)
         ckpt.save_rank_rng(staged, self.dist.rank, ckpt.rng_state(self.generator))
         if self.dist.is_main:
-            ckpt.write_client_json(staged, st, client["schedule"])
+            ckpt.write_client_json(staged, st, client["schedule"], self.cfg.flat())
         self.reporter.report(metrics, staged, st.step)
 
     def _save_best(self, metrics: dict) -> None:

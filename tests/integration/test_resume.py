@@ -105,3 +105,23 @@ def test_resume_refuses_a_planted_pickle_payload(world, tmp_path, engine_file):
     with pytest.raises(CheckpointError, match=f"refused to load checkpoint file .*{engine_file}"):
         recipe.setup()
     assert not marker.exists()
+
+
+def test_relaunch_with_another_config_is_refused_and_allowed_changes_are_recorded(world, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from trainer.config import ConfigError
+
+    over = tiny_overrides(world, tmp_path, **{"train.epochs": 1}) + [
+        "loss.kd=off", "loss.targets=hard", "run.name=r"]
+    _run(load_config("configs/tiny.yaml", over))
+    changed = Recipe(load_config("configs/tiny.yaml", over + ["optim.lr=0.01", "model.hidden=64"]))
+    with pytest.raises(ConfigError, match=r"model.hidden: 128 -> 64; optim.lr: 0.001 -> 0.01.*"
+                                          r"new run.name"):
+        changed.setup()
+    # extending the run is allowed: it resumes, and MLflow records what changed
+    longer = _run(load_config("configs/tiny.yaml", over + ["train.epochs=2"]))
+    assert sorted(longer) == [4, 5, 6]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["dldkd.resume_changed.train.epochs"] == "1 -> 2"

@@ -4,6 +4,12 @@ Ours (trainer.losses.total_loss, vectorised) against the reference-style baselin
 (bench.reference_losses: Python loops, deep copy, anomaly mode) in the same process, on the same
 batch, weights and negative draws: both must give the same loss value (checked with dropout off,
 then timed in training mode with the TVR preset's dropout 0.2).
+Floor: the step's own matrix products, replayed bare. One step of ours is profiled with its
+shapes recorded; every ``mm``/``addmm``/``bmm`` it ran (forward and backward: the projections,
+the attention and the score products) is then timed alone on random tensors of the same shapes,
+in the same process. ``ours_over_floor`` is our step time over that sum: what the rest of the
+step (element-wise ops, the optimizer, Python) costs on top of the unavoidable products.
+
 Run: ``python -m bench.step [--steps N]``; prints one JSON object on its last line.
 """
 from __future__ import annotations
@@ -60,6 +66,37 @@ def ours_step(model, optimizer, batch, teacher, cfg, generator) -> float:
     return loss.item()
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_shapes(step) -> list[tuple[str, list]]:
+    """The (op, input shapes) of every matrix product one call of ``step`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    return [(e.name, e.input_shapes) for e in prof.events() if e.name in MATMULS]
+
+
+def floor_ms(shapes: list[tuple[str, list]], reps: int = 3) -> float:
+    """Median over ``reps`` of the summed time of the products, each run bare."""
+    calls = []
+    for name, shp in shapes:
+        if name == "aten::addmm":
+            args = (torch.randn(shp[0]), torch.randn(shp[1]), torch.randn(shp[2]))
+            calls.append((torch.addmm, args))
+        else:
+            op = torch.mm if name == "aten::mm" else torch.bmm
+            calls.append((op, (torch.randn(shp[0]), torch.randn(shp[1]))))
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        for op, args in calls:
+            op(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
@@ -108,10 +145,24 @@ def main() -> None:
         ours_ms.append(run("ours", k))
         base_ms.append(run("base", k))
     ours, base = statistics.median(ours_ms), statistics.median(base_ms)
+    shapes = matmul_shapes(lambda: ours_step(ours_model, ours_opt, batch, teacher, lcfg,
+                                             torch.Generator().manual_seed(0)))
+    floor = floor_ms(shapes)
+    gflop = sum(2 * _prod(s[-2]) * s[-1][-1] if n != "aten::addmm" else 2 * _prod(s[1]) * s[2][-1]
+                for n, s in shapes) / 1e9
     print(json.dumps({"ours_ms": round(ours, 1), "baseline_ms": round(base, 1),
-                      "speedup": round(base / ours, 2), "loss_abs_diff": diff,
+                      "speedup": round(base / ours, 2), "floor_ms": round(floor, 1),
+                      "ours_over_floor": round(ours / floor, 2), "floor_matmuls": len(shapes),
+                      "floor_gflop": round(gflop, 1), "loss_abs_diff": diff,
                       "loss": ours_loss.item(), "queries": batch.num_queries,
                       "videos": batch.num_videos, "threads": torch.get_num_threads()}))
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
 
 
 if __name__ == "__main__":

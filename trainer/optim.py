@@ -28,33 +28,41 @@ class BertAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient, each group in a few multi-tensor
+        (``torch._foreach_*``) calls instead of a Python loop over its tensors."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if group["max_grad_norm"] > 0:
-                    # Scale only tensors over the limit, selected on the device (an `if` on
-                    # the norm would be a device-to-host sync per tensor).
-                    limit = group["max_grad_norm"]
-                    norm = grad.norm()
-                    grad = grad * torch.where(norm > limit, limit / (norm + 1e-6), 1.0)
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                update = m / (v.sqrt() + group["eps"])
-                if group["weight_decay"] > 0:
-                    update.add_(p, alpha=group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
+            grads = [p.grad for p in params]
+            if group["max_grad_norm"] > 0:
+                # Scale only tensors over the limit, chosen on the device (an `if` on a norm
+                # would be a device-to-host sync per tensor).
+                limit = group["max_grad_norm"]
+                scales = [torch.where(n > limit, limit / (n + 1e-6), 1.0)
+                          for n in torch._foreach_norm(grads)]
+                grads = torch._foreach_mul(grads, scales)
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, grads, alpha=1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            update = torch._foreach_sqrt(v)
+            torch._foreach_add_(update, group["eps"])
+            update = torch._foreach_div(m, update)      # no bias correction
+            if group["weight_decay"] > 0:
+                torch._foreach_add_(update, params, alpha=group["weight_decay"])
+            torch._foreach_add_(params, update, alpha=-group["lr"])
         return loss
 
 

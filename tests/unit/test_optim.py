@@ -38,3 +38,27 @@ def test_warmup_then_linear_decay():
     assert lr_factor(10, 1000, 0.01) == pytest.approx(1.0)
     assert lr_factor(505, 1000, 0.01) == pytest.approx(0.5)
     assert lr_factor(1000, 1000, 0.01) == 0.0
+
+
+def test_bert_adam_updates_many_tensors_as_the_formula_per_tensor():
+    """The multi-tensor update equals the formula applied to each tensor on its own (clip per
+    tensor: only the tensor over the limit is scaled)."""
+    torch.manual_seed(1)
+    params = [nn.Parameter(torch.randn(*shape)) for shape in ((4, 3), (7,), (2, 2, 2))]
+    opt = BertAdam(params, lr=0.05, eps=1e-6, weight_decay=0.01, max_grad_norm=1.0)
+    refs = [p.detach().clone() for p in params]
+    state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    for step in range(3):
+        grads = [torch.randn_like(p) * (0.1 if k == 1 else 3.0) for k, p in enumerate(params)]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for k, g in enumerate(grads):
+            g = g * (1.0 / (g.norm() + 1e-6)) if g.norm() > 1.0 else g
+            m, v = state[k]
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            state[k] = (m, v)
+            refs[k] = refs[k] - 0.05 * (m / (v.sqrt() + 1e-6) + 0.01 * refs[k])
+    for p, ref in zip(params, refs):
+        torch.testing.assert_close(p.detach(), ref, atol=1e-6, rtol=1e-6)

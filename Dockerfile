@@ -23,8 +23,8 @@ COPY sharding ./sharding
 COPY launch ./launch
 COPY bench ./bench
 COPY configs ./configs
-# The MLflow server's Postgres driver and S3 artifact client ride along in the same image.
-RUN pip install --no-cache-dir ".[s3]" boto3==1.44.5 psycopg2-binary==2.9.13
+# The MLflow server's Postgres driver rides along (s3fs and boto3 are dldkd dependencies).
+RUN pip install --no-cache-dir . psycopg2-binary==2.9.13
 
 USER 1000
 ENV HOME=/home/ray

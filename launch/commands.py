@@ -15,12 +15,32 @@ def cmd_shard(args: argparse.Namespace) -> int:
                            max_shard_bytes=args.max_shard_bytes)
         print(f"wrote {len(manifest.shards)} shards to {Path(args.out) / args.split}")
         return 0
+    if args.source == "frames":
+        return _shard_frames(args)
     from sharding.synthetic import build_world
 
     out = build_world(args.out, videos=args.videos, eval_videos=args.eval_videos, seed=args.seed,
                       pretrain_pairs=args.pretrain_pairs, videos_per_shard=args.videos_per_shard)
     for split in out:
         print(f"{split}: {Path(args.out) / split}")
+    return 0
+
+
+def _shard_frames(args: argparse.Namespace) -> int:
+    from sharding.frames import add_frames
+
+    manifest = add_frames(args.shards, args.videos, args.out, size=args.size,
+                          quality=args.quality, seconds_per_step=args.seconds_per_step,
+                          workers=args.workers)
+    problems = {vid: why[len("frames: "):] for vid, why in manifest.skipped["ids"].items()
+                if why.startswith("frames: ")}
+    for vid, why in list(problems.items())[:20]:
+        print(f"skipped {vid}: {why}")
+    if len(problems) > 20:
+        print(f"... {len(problems) - 20} more in {Path(args.out) / 'manifest.json'} (skipped)")
+    counts = ", ".join(f"{n} {kind}" for kind, n in manifest.notes["frames"]["skipped"].items())
+    print(f"wrote {len(manifest.shards)} shards, {manifest.totals['videos']} videos with frames, "
+          f"to {args.out} (skipped: {counts})")
     return 0
 
 

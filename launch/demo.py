@@ -36,7 +36,6 @@ def _done(start: float) -> None:
 
 def run_demo(out: str | Path = "outputs/demo", small: bool = False) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     size = SIZES[small]
     out = Path(out).resolve()
     world, teacher_ckpt = out / "world", out / "teacher.pt"

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 from launch.claims import ClaimResult, evaluate_claim
 from launch.sweep import CLAIMS_PARAM, IDENTITY_KEYS, VARIANT_PARAM, VARIANT_TAG
+from sharding.splits import VAL_IS_TEST_TAG
 
 SCORES = ("R1", "R5", "R10", "R100", "SumR")
 SWEEP_KIND = ("dldkd.kind", "sweep")
@@ -49,6 +50,7 @@ class RunRecord:
     data_ms: float | None = None
     student_ms: float | None = None
     samples_s: float | None = None
+    val_is_test: bool = False   # selected on the test captions (data.val = data.test)
     wall_s: float | None = None
     teacher_sumr: float | None = None
     uses_teacher: bool | None = None
@@ -125,7 +127,8 @@ def read_run(client, run) -> RunRecord:
     """Scores, curve, cost and teacher quality of one run."""
     metrics = run.data.metrics
     rec = RunRecord(run.info.run_id, run.info.run_name or run.info.run_id, run.info.status,
-                    dict(run.data.params), variant=run.data.tags.get(VARIANT_TAG, ""))
+                    dict(run.data.params), variant=run.data.tags.get(VARIANT_TAG, ""),
+                    val_is_test=run.data.tags.get(VAL_IS_TEST_TAG) == "true")
     rec.test = {k: metrics[f"test/{k}"] for k in SCORES if f"test/{k}" in metrics}
     rec.curve = _history(client, rec.run_id, "val/SumR")
     if rec.curve:
@@ -453,6 +456,16 @@ def runs_table(records: list[RunRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _val_is_test_note(records: list[RunRecord]) -> list[str]:
+    same = [r.name for r in records if r.val_is_test]
+    if not same:
+        return []
+    return ["", f"**Validation was the test split** for {len(same)} of {len(records)} runs "
+            f"(MLflow tag `{VAL_IS_TEST_TAG}`: {', '.join(same[:5])}"
+            f"{' ...' if len(same) > 5 else ''}): they chose their best weights and stopped "
+            "early on the test captions, so their test scores are not held out."]
+
+
 def render(title: str, header: list[str], records: list[RunRecord], plots: dict[str, Path | None],
            teacher_note: str, claims: list[ClaimResult] = ()) -> str:
     series, base = teacher_series(records)
@@ -461,7 +474,7 @@ def render(title: str, header: list[str], records: list[RunRecord], plots: dict[
              f"{len(records)} run(s), {len(scored)} with scores. Scores are `test/*` (the best "
              "validation weights on data.test) when every run of a row logged them, else each "
              "run's best validation evaluation (`val`); mean ± sample std over the row's n runs "
-             "(no ± when n = 1).",
+             "(no ± when n = 1).", *_val_is_test_note(records),
              "", "## Ablation", "", ablation_table(ablation_rows(records))]
     if claims:
         parts += ["## Claims", "", claims_table(claims, records),

@@ -61,6 +61,8 @@ VARIANT_PARAM = "sweep.variant"
 CLAIMS_PARAM = "sweep.claims"   # on the parent run: what `dldkd report` tests
 # Keys a sweep must not vary: they are each trial's identity, set by the sweep.
 IDENTITY_KEYS = ("run.name", "run.storage", "tracking.uri", "tracking.parent_run_id")
+# Seconds a trial stopped by the scheduler gets before Tune kills it (and so its Train workers).
+STOPPED_TRIAL_GRACE_S = 20
 
 
 @dataclass
@@ -627,6 +629,10 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
     # Only evaluations carry the metric; a report with just a checkpoint does not, and ASHA
     # skips it. Tune would otherwise stop the sweep at the first such report.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # A trial the scheduler stops is blocked inside its Train run and never returns by itself;
+    # Tune's default waits 600 s before killing it, and its workers hold their CPUs/GPUs until
+    # then. Killing the trial ends its Train run (the workers die with their owner).
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))
     space = tune_space(spec, cfg)
     path = experiment_path(cfg, spec)
     uri = tracking_uri(cfg, spec)
@@ -646,9 +652,12 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
                              env=endpoint_env()),
         {"CPU": spec.trial_cpus})
     if spec.scheduler.type == "asha":
+        # stop_last_trials=False: a trial that reaches max_t finishes by itself (test split,
+        # best weights, MLflow) instead of being stopped at its last report.
         scheduler = ASHAScheduler(time_attr="step", max_t=spec.scheduler.max_t,
                                   grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor)
+                                  reduction_factor=spec.scheduler.reduction_factor,
+                                  stop_last_trials=False)
     else:
         scheduler = FIFOScheduler()
 

@@ -17,7 +17,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from sharding.writer import Manifest, ManifestError
 from trainer.config import Config, ConfigError, load_config
@@ -27,6 +26,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_QUERIES_PER_VIDEO = 5.0   # TVR's captions per video; the manifest's ratio when known
 HEALTH_TIMEOUT_S = 3.0
 PROBE_PREFIX = ".dldkd-validate-"
+HF_WEIGHT_FILES = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
 
 
 @dataclass(frozen=True)
@@ -202,10 +202,8 @@ def check_config(path: str | None, overrides: list[str] | dict | None
                  ) -> tuple[Check, Config | None]:
     try:
         cfg = load_config(path, overrides)
-    except ConfigError as err:
+    except ConfigError as err:   # YAML syntax errors included, with the file and line
         return Check("config", FAIL, str(err)), None
-    except yaml.YAMLError as err:
-        return Check("config", FAIL, f"{path} is not valid YAML: {err}"), None
     return Check("config", OK, f"{path or 'defaults'}: types, choices and ranges valid"), cfg
 
 
@@ -241,6 +239,8 @@ def exact_batches_per_rank(shard_videos: list[int], batch_videos: int, world_siz
 
 def steps_per_epoch(cfg: Config, train: Manifest | None) -> int | None:
     """The run's steps per virtual epoch, or None where it depends on an unread manifest."""
+    if cfg.data.true_epochs and not cfg.data.steps_per_epoch:
+        return None if train is None else true_epoch_steps(cfg, train)
     if cfg.data.steps_per_epoch:
         return cfg.data.steps_per_epoch
     if not cfg.data.resampled:
@@ -252,10 +252,20 @@ def steps_per_epoch(cfg: Config, train: Manifest | None) -> int | None:
     return steps_per_epoch_for(train, cfg.data.batch_videos, cfg.dist.num_workers)
 
 
+def true_epoch_steps(cfg: Config, train: Manifest) -> int:
+    """ceil(ceil(videos / workers) / batch_videos): the steps of one true epoch on every rank."""
+    from sharding.epochs import steps_for
+
+    return steps_for(train.totals["videos"], cfg.dist.num_workers, cfg.data.batch_videos)
+
+
 def check_steps(cfg: Config, train: Manifest | None) -> Check:
     """steps_per_epoch > 0 and, in exact mode, no more steps than the smallest rank's batches."""
     steps = steps_per_epoch(cfg, train)
     if steps is None:
+        if cfg.data.true_epochs:
+            return Check("steps", OK, "data.true_epochs: whole epochs of ceil(ceil(videos / "
+                         "workers) / batch_videos) steps, counted from the shards at run time")
         return Check("steps", OK, "data.steps_per_epoch=0: derived from the train manifest at run "
                      "time (videos / global batch)")
     if steps <= 0:
@@ -264,7 +274,16 @@ def check_steps(cfg: Config, train: Manifest | None) -> Check:
                      "batches of the smallest rank, or use data.resampled=true")
     total = steps * cfg.train.epochs
     msg = f"{steps} steps/epoch x train.epochs={cfg.train.epochs} = {total} steps"
-    if not cfg.data.resampled and train is not None:
+    if cfg.data.true_epochs and train is not None:
+        full = true_epoch_steps(cfg, train)
+        if steps > full:
+            return Check("steps", FAIL, f"data.steps_per_epoch={steps} but a true epoch of "
+                         f"{train.totals['videos']} videos has {full} steps per rank: set "
+                         f"data.steps_per_epoch <= {full}, or 0 for whole epochs")
+        msg += (f" (true epochs: every video once, ceil(ceil({train.totals['videos']} videos / "
+                f"{cfg.dist.num_workers} workers) / {cfg.data.batch_videos}) = {full} steps"
+                + (", cut short" if steps < full else "") + ")")
+    if not cfg.data.true_epochs and not cfg.data.resampled and train is not None:
         per_rank = exact_batches_per_rank([s.videos for s in train.shards], cfg.data.batch_videos,
                                           cfg.dist.num_workers, cfg.data.loader_workers)
         if steps > min(per_rank):
@@ -310,6 +329,9 @@ def check_readers(cfg: Config, train: Manifest) -> Check:
     """Exact reading splits shards over ranks x loader workers: each needs at least one."""
     n, lw = cfg.dist.num_workers, max(cfg.data.loader_workers, 1)
     shards = len(train.shards)
+    if cfg.data.true_epochs:
+        return Check("readers", OK, f"{shards} train shards; true epochs read videos by offset, "
+                     "so any shard count serves any number of readers")
     if not cfg.data.resampled and shards < n * lw:
         return Check("readers", FAIL, f"data.resampled=false needs at least dist.num_workers x "
                      f"data.loader_workers = {n} x {lw} = {n * lw} shards in {cfg.data.train}, "
@@ -357,7 +379,7 @@ def check_split(cfg: Config, split: str) -> tuple[Check, Manifest | None]:
         urls, manifest = resolve_source(source)
     except ImportError as err:
         return Check(key, FAIL, f"{key}={source!r}: {err}; install the filesystem package "
-                     "(s3: pip install 'dldkd[s3]')"), None
+                     "(s3: pip install s3fs, a dldkd dependency)"), None
     except (ManifestError, ValueError, OSError) as err:
         return Check(key, FAIL, f"{key}={source!r}: {err}"), None
     if manifest is None:
@@ -376,24 +398,46 @@ def check_split(cfg: Config, split: str) -> tuple[Check, Manifest | None]:
 
 
 def check_teacher_inputs(cfg: Config, train: Manifest) -> Check:
-    """The shards carry what the teacher placement reads: raw frames or pre-extracted embeddings."""
+    """The train shards carry what the teacher placement reads: frames for the online teacher,
+    pre-extracted CLIP embeddings for ``precomputed``; if not, FAIL with the command that adds
+    them."""
     if not cfg.uses_teacher():
         return Check("teacher inputs", OK, _teacher_use(cfg))
-    dims = train.dims
-    if cfg.teacher.placement == "precomputed":
+    dims, placement = train.dims, cfg.teacher.placement
+    if placement == "precomputed":
         if "teacher_dim" not in dims:
-            return Check("teacher inputs", FAIL, "teacher.placement='precomputed' but the train "
-                         "shards have no pre-extracted CLIP embeddings (no dims.teacher_dim): "
-                         "use placement 'replicated' or 'zero3', or reshard with CLIP features")
+            return Check("teacher inputs", FAIL, (
+                f"teacher.placement='precomputed' reads pre-extracted CLIP embeddings, but "
+                f"data.train={cfg.data.train!r} has none (no dims.teacher_dim in its manifest). "
+                "Convert the split again with the release's CLIP files in place "
+                "(<root>/<collection>/FeatureData/new_clip_vit_32_<collection>_vid_features.hdf5 "
+                "and TextData/clip_ViT_B_32_<collection>_query_feat.hdf5): `dldkd shard msssl "
+                "--root ROOT --collection COLLECTION --split train --out OUT`; or run the online "
+                "teacher on frames (configs/<collection>-online.yaml)"))
         return Check("teacher inputs", OK, f"precomputed embeddings, teacher_dim="
                      f"{dims['teacher_dim']}")
-    if "teacher_dim" in dims and "image_size" not in dims:
-        return Check("teacher inputs", WARN, f"teacher.placement={cfg.teacher.placement!r} runs "
-                     "CLIP on raw frames, but the train manifest declares pre-extracted embeddings"
-                     " (dims.teacher_dim) and no frame size: set teacher.placement=precomputed "
-                     "unless the shards also hold raw frames")
-    return Check("teacher inputs", OK, f"online teacher on raw frames "
-                 f"(image_size={dims.get('image_size', '?')})")
+    if "image_size" not in dims:
+        also = (" (they hold pre-extracted CLIP embeddings, which teacher.placement=precomputed "
+                "reads)" if "teacher_dim" in dims else "")
+        return Check("teacher inputs", FAIL, (
+            f"teacher.placement={placement!r} runs CLIP on video frames, but data.train="
+            f"{cfg.data.train!r} has none (no dims.image_size in its manifest){also}. Add them "
+            f"from the raw videos: `dldkd shard frames --videos VIDEO_DIR --shards "
+            f"{cfg.data.train} --out NEW_DIR`, then set data.train=NEW_DIR; or use "
+            "teacher.placement=precomputed"))
+    return Check("teacher inputs", OK, f"online teacher on frames of {dims['image_size']} px")
+
+
+def check_val_split(cfg: Config) -> Check:
+    """Model selection on the test split is allowed (the reference may do it) but never silent."""
+    from sharding.splits import VAL_IS_TEST_TAG, val_is_test
+
+    note = val_is_test(cfg.data.val, cfg.data.test)
+    if note:
+        return Check("val vs test", WARN, f"{note}; the run logs this and tags it in MLflow "
+                     f"({VAL_IS_TEST_TAG})")
+    return Check("val vs test", OK, "data.val is not the test split" if cfg.data.val else
+                 "no data.val")
 
 
 # -- teacher weights -------------------------------------------------------------------------------
@@ -419,8 +463,9 @@ def check_teacher_weights(cfg: Config, offline: bool) -> Check:
     except TeacherError as err:
         return Check("teacher", FAIL, str(err))
     if t.pretrained.startswith(HF_HUB):
-        where = _hf_cached(t.pretrained[len(HF_HUB):], ["open_clip_config.json"])
-        return _cache_check(f"teacher.pretrained={t.pretrained!r}", where)
+        repo = t.pretrained[len(HF_HUB):]
+        return _weights_check(f"teacher.pretrained={t.pretrained!r}",
+                              _hf_cached(repo, HF_WEIGHT_FILES), repo, None, offline)
     if source.checkpoint is None and not t.pretrained:
         return Check("teacher", WARN, f"teacher.pretrained='' : {t.arch} starts from random "
                      "weights, so its targets carry no knowledge; set a tag, a checkpoint or "
@@ -431,15 +476,56 @@ def check_teacher_weights(cfg: Config, offline: bool) -> Check:
             return Check("teacher", FAIL, f"teacher.pretrained={t.pretrained!r} is empty")
         return Check("teacher", OK, f"local checkpoint {t.pretrained} ({_size(size)})")
     tag = open_clip.get_pretrained_cfg(t.arch, t.pretrained)
-    return _cache_check(f"{t.arch} tag {t.pretrained!r}", _tag_cached(tag))
+    return _weights_check(f"{t.arch} tag {t.pretrained!r}", _tag_cached(tag), tag.get("hf_hub"),
+                          tag.get("url"), offline)
 
 
-def _cache_check(label: str, cached: str | None) -> Check:
+def _weights_check(label: str, cached: str | None, hf_repo: str | None, url: str | None,
+                   offline: bool) -> Check:
+    """Teacher weights: in this machine's cache, downloadable (the hub answers), or neither."""
+    fill = ("a run where the hub is reachable downloads it into HF_HOME (default "
+            "~/.cache/huggingface; docs/teacher.md has a one-line download): copy that folder to "
+            "the workers' HF_HOME, or set teacher.pretrained to a downloaded weights file")
     if cached:
-        return Check("teacher", OK, f"{label}: cached at {cached}")
-    return Check("teacher", WARN, f"{label} will be downloaded at run time (not in this machine's "
-                 "cache); on workers without network pre-fill HF_HOME and set HF_HUB_OFFLINE=1, "
-                 "or point teacher.pretrained at a local file")
+        return Check("teacher", OK, f"{label}: in this machine's cache ({cached})")
+    if offline:
+        return Check("teacher", WARN, f"{label}: not in this machine's cache; whether the hub is "
+                     "reachable is not checked with --offline")
+    where, error = _probe_download(hf_repo, url)
+    if error is None:
+        return Check("teacher", OK, f"{label}: not cached here, downloadable ({where} answers): "
+                     "the first run downloads it into the Hugging Face cache (under zero3 on "
+                     f"rank 0 only); workers without network need it too: {fill}")
+    hint = "unset HF_HUB_OFFLINE where the hub is reachable, or " if _hub_offline() else ""
+    return Check("teacher", FAIL, f"{label}: not in this machine's cache and not downloadable "
+                 f"({error}); {hint}{fill}")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _probe_download(hf_repo: str | None, url: str | None) -> tuple[str, str | None]:
+    """(what was asked, None when it answered, else why not): the hub's model page for a hub
+    repo (``HF_ENDPOINT`` honoured), else the tag's URL."""
+    if _hub_offline():
+        return "", "HF_HUB_OFFLINE is set, so nothing is downloaded"
+    if hf_repo:
+        repo = "/".join(hf_repo.strip("/").split("/")[:2])
+        target = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}" \
+                 f"/api/models/{repo}"
+    elif url:
+        target = url
+    else:
+        return "", "no download location is known for it"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(target, method="HEAD"),
+                                    timeout=HEALTH_TIMEOUT_S):
+            return target, None
+    except urllib.error.HTTPError as err:
+        return target, f"{target} answered {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        return target, f"{target} could not be reached ({HEALTH_TIMEOUT_S:g} s timeout): {err}"
 
 
 def _hf_cached(repo_file: str, default_files: list[str]) -> str | None:
@@ -456,8 +542,7 @@ def _hf_cached(repo_file: str, default_files: list[str]) -> str | None:
 
 def _tag_cached(tag: dict) -> str | None:
     if tag.get("hf_hub"):
-        found = _hf_cached(tag["hf_hub"], ["open_clip_model.safetensors",
-                                            "open_clip_pytorch_model.bin"])
+        found = _hf_cached(tag["hf_hub"], HF_WEIGHT_FILES)
         if found:
             return found
     if tag.get("url"):
@@ -494,7 +579,7 @@ def _probe_remote(url: str) -> str | None:
                   if protocol in ("s3", "s3a") else {})
         fs = fsspec.filesystem(protocol, **kwargs)
     except ImportError as err:
-        extra = "pip install 'dldkd[s3]'" if protocol in ("s3", "s3a") else \
+        extra = "pip install s3fs (a dldkd dependency)" if protocol in ("s3", "s3a") else \
             f"install the fsspec backend for {protocol}://"
         return f"no filesystem for {protocol}:// ({err}): {extra}"
     except ValueError as err:
@@ -569,6 +654,7 @@ def validate_run(config_path: str | None, overrides: list[str] | dict | None = N
         for split in SPLITS:
             check, manifests[split] = check_split(cfg, split)
             checks.append(check)
+        checks.append(check_val_split(cfg))
     train = manifests.get("train")
     if train is not None:
         checks += [check_split_size(cfg, train), check_readers(cfg, train),

@@ -38,7 +38,7 @@ class VideoSample:
     teacher_frame_emb: np.ndarray | None = None
     teacher_text_emb: np.ndarray | None = None
     # (n, 2) int: source feature steps [start, end) behind each row of ``frames`` (where in the
-    # video a teacher frame for that row belongs); None = ``preprocess.step_rows(n_frames_orig)``.
+    # video a teacher frame for that row belongs; steps.npy); None = ``step_rows(n_frames_orig)``.
     step_rows: np.ndarray | None = None
 
 

@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from sharding.batch import VideoSample
-from sharding.preprocess import prepare_frames, prepare_tokens
-from sharding.writer import DEFAULT_VIDEOS_PER_SHARD, Manifest, SkipVideo, write_split
+from sharding.preprocess import (l2_normalise, prepare_frames, prepare_tokens, resample_pair,
+                                  step_rows)
+from sharding.splits import CAPTIONS_DIGEST
+from sharding.writer import (DEFAULT_VIDEOS_PER_SHARD, Manifest, SkipVideo, sha256_file,
+                             write_split)
 
 
 @dataclass(frozen=True)
@@ -219,21 +222,24 @@ class _Source:
             raw = self.big.read(frame_ids)
         except KeyError as e:
             raise SkipVideo(str(e.args[0])) from e
-        sample = VideoSample(
-            video_id=vid, frames=prepare_frames(raw),
-            tokens=[prepare_tokens(self.roberta[c][()]) for c, _ in caps],
-            cap_ids=[c for c, _ in caps], captions=[t for _, t in caps], n_frames_orig=len(raw))
-        if self.use_clip:
-            if vid not in self.clip_video:
-                raise SkipVideo(f"no CLIP frame embeddings in {self.paths.clip_video.name}")
-            emb = np.asarray(self.clip_video[vid][()], np.float32)
-            if emb.ndim != 2 or emb.shape[0] == 0:
-                raise SkipVideo(f"CLIP frame embeddings of shape {emb.shape} in "
-                                f"{self.paths.clip_video.name}")
-            sample.teacher_frame_emb = emb
-            sample.teacher_text_emb = np.concatenate([
-                np.asarray(self.clip_text[clip_text_key(c, self.clip_text)][()],
-                           np.float32).reshape(1, -1) for c, _ in caps])
+        tokens = [prepare_tokens(self.roberta[c][()]) for c, _ in caps]
+        if not self.use_clip:
+            return VideoSample(vid, prepare_frames(raw), tokens, [c for c, _ in caps],
+                               [t for _, t in caps], n_frames_orig=len(raw),
+                               step_rows=step_rows(len(raw)))
+        if vid not in self.clip_video:
+            raise SkipVideo(f"no CLIP frame embeddings in {self.paths.clip_video.name}")
+        emb = np.asarray(self.clip_video[vid][()], np.float32)
+        if emb.ndim != 2 or emb.shape[0] == 0:
+            raise SkipVideo(f"CLIP frame embeddings of shape {emb.shape} in "
+                            f"{self.paths.clip_video.name}")
+        student, teacher, rows = resample_pair(raw, emb)
+        sample = VideoSample(vid, l2_normalise(student), tokens, [c for c, _ in caps],
+                             [t for _, t in caps], n_frames_orig=len(raw), step_rows=rows,
+                             teacher_frame_emb=teacher)
+        sample.teacher_text_emb = np.concatenate([
+            np.asarray(self.clip_text[clip_text_key(c, self.clip_text)][()],
+                       np.float32).reshape(1, -1) for c, _ in caps])
         return sample
 
 
@@ -259,13 +265,19 @@ def convert(root, collection: str, split: str, out, *, visual_feature: str | Non
         notes = {
             "source": "msssl", "collection": collection,
             "visual_feature": paths.features.name,
-            "preprocessing": "SPEC 2: frames uniformly averaged to <= 128, rows L2-normalised "
-                             "(eps 1e-5); query tokens L2-normalised, first 30 kept",
-            "teacher": ("pre-extracted CLIP ViT-B/32 frame embeddings (tframes.npy, raw, one per "
-                        "CLIP frame) and caption embeddings (ttext.npy)") if src.use_clip
-                       else "none pre-extracted: the teacher reads caption texts online; the "
-                            "release has no raw frames",
+            "preprocessing": "SPEC 2 as the MS-SL/DL-DKD reference: with CLIP features the "
+                             "longer of the student and CLIP frame streams is first averaged to "
+                             "the shorter's length; then both are averaged over the reference's "
+                             "chunks to <= 128 rows (step_rows in meta.json), student rows "
+                             "L2-normalised (eps 1e-5); query tokens L2-normalised, first 30 kept",
+            "teacher": ("pre-extracted CLIP ViT-B/32 frame embeddings (tframes.npy, raw, averaged "
+                        "over the same chunks as the student's rows, one per row) and caption "
+                        "embeddings (ttext.npy); placement precomputed reads them") if src.use_clip
+                       else "none: no CLIP features were converted and the release has no "
+                            "frames; add frames with `dldkd shard frames` for the online "
+                            "teacher",
             "dropped_captions": {"count": len(src.dropped), "ids": src.dropped},
+            CAPTIONS_DIGEST: sha256_file(paths.captions),
         }
         return write_split(Path(out) / split, split, list(src.captions), src.load,
                            videos_per_shard=videos_per_shard, max_shard_bytes=max_shard_bytes,

@@ -7,12 +7,22 @@ MAX_FRAMES = 128
 MAX_WORDS = 30
 
 
-def uniform_sample(frames: np.ndarray, max_frames: int = MAX_FRAMES) -> np.ndarray:
-    """Average ``n > max_frames`` rows into ``max_frames`` contiguous, nearly equal chunks.
+def chunk_bounds(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [start_k, end_k) of chunk k when ``n`` rows are averaged into ``m`` (MS-SL's chunks).
 
-    Chunk k covers rows [floor(k n / M + 1/2), floor((k + 1) n / M + 1/2)), so the chunks
-    partition all n rows (the MS-SL reference clamps the last boundary to n - 1 and so drops
-    the last frame). With n <= max_frames the rows are returned unchanged (as float32).
+    As the reference's ``uniform_feature_sampling``: boundaries ``round(arange(m + 1) / m * n)``
+    (numpy rounds half to even), clipped to n - 1, so the last row only counts when a chunk is a
+    single row; a chunk whose boundaries coincide is that one row.
+    """
+    idx = np.round(np.arange(0, m + 1, 1.0) / m * n).astype(np.int64)
+    idx = np.minimum(idx, n - 1)
+    return idx[:-1], np.maximum(idx[1:], idx[:-1] + 1)
+
+
+def uniform_sample(frames: np.ndarray, max_frames: int = MAX_FRAMES) -> np.ndarray:
+    """Average ``n > max_frames`` rows over the reference's chunks (:func:`chunk_bounds`).
+
+    With n <= max_frames the rows are returned unchanged (as float32).
     """
     x = np.asarray(frames, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
@@ -20,10 +30,38 @@ def uniform_sample(frames: np.ndarray, max_frames: int = MAX_FRAMES) -> np.ndarr
     n = x.shape[0]
     if n <= max_frames:
         return x
-    starts = np.floor(np.arange(max_frames) * n / max_frames + 0.5).astype(np.int64)
-    ends = np.append(starts[1:], n)
-    sums = np.add.reduceat(x.astype(np.float64), starts, axis=0)
-    return (sums / (ends - starts)[:, None]).astype(np.float32)
+    starts, ends = chunk_bounds(n, max_frames)
+    sums = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(x, axis=0, dtype=np.float64)])
+    return ((sums[ends] - sums[starts]) / (ends - starts)[:, None]).astype(np.float32)
+
+
+def step_rows(n: int, max_frames: int = MAX_FRAMES) -> np.ndarray:
+    """(min(n, max_frames), 2) int: the rows [start, end) of the ``n`` source steps behind each
+    row that :func:`uniform_sample` keeps (where a frame for that row is taken from)."""
+    if n <= max_frames:
+        rows = np.arange(n)
+        return np.stack([rows, rows + 1], axis=1)
+    return np.stack(chunk_bounds(n, max_frames), axis=1)
+
+
+def resample_pair(student: np.ndarray, teacher: np.ndarray, max_frames: int = MAX_FRAMES
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Student and pre-extracted teacher frames on one time grid, as the DL-DKD reference does.
+
+    The longer stream is first averaged to the shorter one's length (the reference does this for
+    a longer student and leaves a longer teacher misaligned; SPEC 2 step 4 aligns both), then both
+    go through :func:`uniform_sample`, so row k of each covers the same chunk of the video.
+    Returns (student rows, teacher rows, :func:`step_rows`-like spans of the source student
+    steps), all unnormalised.
+    """
+    s = np.asarray(student, dtype=np.float32)
+    t = np.asarray(teacher, dtype=np.float32)
+    n = min(len(s), len(t))
+    grid = step_rows(len(s), n)      # source student rows behind each common-grid row
+    rows = step_rows(n, max_frames)  # common-grid rows behind each kept row
+    spans = np.stack([grid[rows[:, 0], 0], grid[rows[:, 1] - 1, 1]], axis=1)
+    return (uniform_sample(uniform_sample(s, n), max_frames),
+            uniform_sample(uniform_sample(t, n), max_frames), spans)
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-5) -> np.ndarray:

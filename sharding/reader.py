@@ -3,8 +3,10 @@
 shard URLs -> split by node (rank) -> split by DataLoader worker -> shuffle -> decode (schema only,
 never webdataset's pickle-capable decoders) -> SPEC 5 batches (``sharding.batch.collate``).
 
-Two modes:
-- resampled (training): every DataLoader worker draws shards with replacement from all shards,
+Three modes:
+- true epochs (training on a finite split, ``sharding.epochs``): every video once per epoch in a
+  fresh permutation across shards, read by offset; the same number of steps on every rank.
+- resampled (training, streaming): every DataLoader worker draws shards with replacement from all shards,
   seeded by (seed, epoch, rank, worker), and the rank yields exactly ``steps_per_epoch`` batches per
   virtual epoch, so every rank takes the same number of steps whatever the shard count.
   Batch k of a rank comes from logical worker k mod W; ``epoch(e, start_step=s)`` resumes exactly
@@ -33,6 +35,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from sharding.batch import Batch, VideoSample, collate
+from sharding.epochs import SampleFiles, SampleRef, index_shard, rank_batches, steps_for
 from sharding.schema import SCHEMA_VERSION, ShardError, UnsafeMemberError, decode_sample
 from sharding.writer import Manifest, ManifestError, load_manifest
 
@@ -192,6 +195,8 @@ class _Plan:
     teacher_frames: bool = True
     epoch: int = 0
     start_step: int = 0
+    true_epochs: bool = False
+    index: list[SampleRef] = field(default_factory=list)   # true epochs: every sample
 
 
 def _seed(*parts: int) -> int:
@@ -207,6 +212,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         p = self.plan
         info = torch.utils.data.get_worker_info()
         physical, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        if p.true_epochs:
+            yield from _true_epoch(p, physical, n_workers)
+            return
         stats = ReadStats()
         if p.resampled:
             worker = (p.start_step + physical) % n_workers
@@ -240,6 +248,40 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         yield _WorkerDone({"worker": worker, **asdict(stats)})
 
 
+def _true_epoch(p: _Plan, physical: int, n_workers: int) -> Iterator:
+    """This worker's batches of one true epoch: batch k of the rank comes from logical worker
+    k mod W, and after a resume at step s physical worker i plays logical (s + i) mod W."""
+    worker = (p.start_step + physical) % n_workers
+    stats = ReadStats()
+    batches = rank_batches(len(p.index), _seed(p.seed, p.epoch), p.rank, p.world_size,
+                           p.batch_videos)[:p.steps]
+    files = SampleFiles(_local_path)
+    try:
+        for k in range(p.start_step + physical, len(batches), n_workers):
+            videos = []
+            for i in batches[k]:
+                ref = p.index[i]
+                try:
+                    members = files.read(ref)
+                except Exception as e:  # noqa: BLE001 (I/O of one sample: count it, go on)
+                    stats.bad_samples += 1
+                    stats.note(f"shard {ref.url}: sample {ref.key!r}: {type(e).__name__}: {e}")
+                    continue
+                video = _decode_counted(members, stats, p.teacher_frames)
+                if video is not None:
+                    videos.append(video)
+            if not videos:   # every rank must take this step: nothing can stand in for it
+                raise BadDataError(f"every video of step {k} was damaged; recent errors: "
+                                   f"{stats.errors}")
+            stats.samples += len(videos)
+            batch = collate(videos, p.max_words)
+            batch.extras["read"] = {"worker": worker, **asdict(stats)}
+            yield batch
+    finally:
+        files.close()
+    yield _WorkerDone({"worker": worker, **asdict(stats)})
+
+
 @dataclass
 class _WorkerDone:
     read: dict
@@ -269,8 +311,11 @@ class ShardReader:
                  loader_workers: int = 2, resampled: bool = True, steps_per_epoch: int = 0,
                  seed: int = 0, shuffle_buffer: int = 256, max_bad_fraction: float = 0.01,
                  max_words: int = 30, video_dim: int | None = None, query_dim: int | None = None,
-                 teacher_dim: int | None = None, teacher_frames: bool = True):
-        """``teacher_frames=False`` skips decoding the JPEG frames (no online image tower)."""
+                 teacher_dim: int | None = None, teacher_frames: bool = True,
+                 true_epochs: bool = False):
+        """``teacher_frames=False`` skips decoding the JPEG frames (no online image tower).
+        ``true_epochs``: every video once per epoch (``sharding.epochs``); ``steps_per_epoch``
+        > 0 then cuts each epoch short, and ``resampled`` is not used."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_videos < 1 or loader_workers < 0:
@@ -280,7 +325,18 @@ class ShardReader:
         if self.manifest is not None:
             check_manifest(self.manifest, video_dim, query_dim, teacher_dim)
         workers = max(loader_workers, 1)
-        if resampled:
+        index: list[SampleRef] = []
+        self.index_stats = ReadStats()    # samples lost before the first epoch (true epochs)
+        if true_epochs:
+            index = self._index(max_bad_fraction)
+            full = steps_for(len(index), world_size, batch_videos)
+            if steps_per_epoch > full:
+                raise ValueError(
+                    f"data.steps_per_epoch={steps_per_epoch} but a true epoch of {len(index)} "
+                    f"videos over {world_size} ranks in batches of {batch_videos} has {full} "
+                    "steps: set data.steps_per_epoch <= that, or 0 for whole epochs")
+            steps_per_epoch = steps_per_epoch or full
+        elif resampled:
             if steps_per_epoch <= 0:
                 if self.manifest is None:
                     raise ValueError("resampled reading needs steps_per_epoch > 0 when the shards "
@@ -295,20 +351,47 @@ class ShardReader:
         if self.manifest is not None:
             expected = {u: s.videos for u, s in zip(self.urls, self.manifest.shards)}
         self.plan = _Plan(self.urls, expected, rank, world_size, batch_videos, resampled,
-                          steps_per_epoch, seed, shuffle_buffer, max_words, teacher_frames)
+                          steps_per_epoch, seed, shuffle_buffer, max_words, teacher_frames,
+                          true_epochs=true_epochs, index=index)
         self.loader_workers = loader_workers
         self.max_bad_fraction = max_bad_fraction
         self.stats = ReadStats()          # all finished and current epochs
         self.epoch_stats = ReadStats()    # the current epoch
+
+    def _index(self, max_bad_fraction: float) -> list[SampleRef]:
+        """Every sample of the split by offset; a shard that cannot be indexed (or ends early)
+        loses its samples to ``index_stats``, within ``max_bad_fraction``."""
+        expected = {u: s.videos for u, s in zip(self.urls, self.manifest.shards)} \
+            if self.manifest is not None else {}
+        index: list[SampleRef] = []
+        s = self.index_stats
+        for url in self.urls:
+            s.shards += 1
+            try:
+                refs = index_shard(url, _local_path(url))
+            except Exception as e:  # noqa: BLE001 (any I/O or tar error: the shard is lost)
+                refs = []
+                s.bad_shards += 1
+                s.note(f"shard {url}: {type(e).__name__}: {e}")
+            lost = expected.get(url, len(refs)) - len(refs)
+            if lost > 0 and refs:
+                s.bad_shards += 1
+                s.note(f"shard {url}: {len(refs)} of the manifest's {expected[url]} samples")
+            s.bad_samples += max(lost, 0 if refs else 1)
+            index += refs
+        if not index or s.bad_samples / (s.bad_samples + len(index)) > max_bad_fraction:
+            raise BadDataError(f"{s.bad_samples} samples of {self.urls[0]}.. could not be indexed "
+                               f"(data.max_bad_fraction={max_bad_fraction}): {s.errors}")
+        return index
 
     @property
     def steps_per_epoch(self) -> int:
         return self.plan.steps
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
-        """The batches of virtual epoch ``epoch`` from step ``start_step`` on (resampled mode)."""
-        if start_step and not self.plan.resampled:
-            raise ValueError("start_step is only meaningful in resampled mode")
+        """The batches of epoch ``epoch`` from step ``start_step`` on (resampled, true epochs)."""
+        if start_step and not (self.plan.resampled or self.plan.true_epochs):
+            raise ValueError("start_step is only meaningful in resampled mode and true epochs")
         if start_step < 0 or (start_step and start_step >= self.plan.steps):
             raise ValueError(f"start_step {start_step} is outside 0..{self.plan.steps - 1}")
         self.plan.epoch, self.plan.start_step = epoch, start_step
@@ -318,7 +401,9 @@ class ShardReader:
             _EpochDataset(self.plan), batch_size=None, num_workers=self.loader_workers,
             collate_fn=_identity, persistent_workers=False,
             generator=torch.Generator().manual_seed(_seed(self.plan.seed, epoch, self.plan.rank)))
-        per_worker: dict[int, dict] = {}
+        # Samples lost while indexing count against every epoch's bad fraction.
+        per_worker: dict[int, dict] = {-1: asdict(self.index_stats)} if self.plan.true_epochs \
+            else {}
         self.epoch_stats = ReadStats()
         for item in loader:
             if isinstance(item, _WorkerDone):

@@ -25,8 +25,9 @@ OFFSETS = "offsets.npy"        # (n_caps + 1,) int32, caption c = tokens[offsets
 META = "meta.json"             # ids, texts, moments, counts, schema version
 TEACHER_EMB = "tframes.npy"    # (n_t, Dt) float16 pre-extracted CLIP frame embeddings
 TEACHER_TEXT = "ttext.npy"     # (n_caps, Dt) float16 pre-extracted CLIP text embeddings
+STEPS = "steps.npy"            # (n, 2) int32 source feature steps [start, end) behind each row
 _JPEG = re.compile(r"f(\d{3,})\.jpg")
-_ARRAYS = {FRAMES, TOKENS, OFFSETS, TEACHER_EMB, TEACHER_TEXT}
+_ARRAYS = {FRAMES, TOKENS, OFFSETS, TEACHER_EMB, TEACHER_TEXT, STEPS}
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 JPEG_QUALITY = 90
 
@@ -95,6 +96,12 @@ def encode_sample(s: VideoSample) -> dict:
            FRAMES: _npy(frames.astype(np.float16)),
            TOKENS: _npy(np.concatenate(s.tokens).astype(np.float16)),
            OFFSETS: _npy(offsets)}
+    if s.step_rows is not None:
+        rows = np.asarray(s.step_rows)
+        if rows.shape != (frames.shape[0], 2) or rows.dtype.kind not in "iu":
+            raise ValueError(f"{where}: step_rows must be ({frames.shape[0]}, 2) integers, got "
+                             f"{rows.shape} {rows.dtype}")
+        out[STEPS] = _npy(rows.astype(np.int32))
     if s.teacher_frames is not None:
         tf = np.asarray(s.teacher_frames)
         if tf.ndim != 4 or tf.shape[-1] != 3 or tf.dtype != np.uint8 or tf.shape[0] == 0:
@@ -198,6 +205,12 @@ def decode_sample(members: dict, source: str, *, teacher_frames: bool = True) ->
         tokens=[tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
         cap_ids=list(cap_ids), captions=list(captions),
         n_frames_orig=int(meta.get("n_frames_orig", frames.shape[0])), moments=meta.get("moments"))
+    if STEPS in members:
+        rows = _load_npy(members[STEPS], STEPS, source, key)
+        if rows.shape != (frames.shape[0], 2) or rows.dtype.kind not in "iu":
+            raise ShardError(f"shard {source}: sample {key!r} {STEPS} has shape {rows.shape} "
+                             f"{rows.dtype} for {frames.shape[0]} frames")
+        sample.step_rows = rows
     jpgs = sorted((int(_JPEG.fullmatch(n).group(1)), n) for n in members if _JPEG.fullmatch(n))
     if jpgs and teacher_frames:
         if [i for i, _ in jpgs] != list(range(len(jpgs))):

@@ -41,3 +41,70 @@ def tiny_teacher(world, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     pretrain(str(world / "pretrain"), str(path), steps=20, batch_size=32, seed=0)
     return str(path)
+
+
+class S3Store:
+    """A bucket on the local S3 API server; ``url(...)`` names objects in it."""
+
+    def __init__(self, endpoint: str, bucket: str):
+        import s3fs
+
+        self.endpoint, self.bucket = endpoint, bucket
+        self.fs = s3fs.S3FileSystem(skip_instance_cache=True)   # reads AWS_ENDPOINT_URL
+        self.fs.mkdir(bucket)
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def upload(self, folder, *parts: str) -> str:
+        """Copy a local folder's files under ``url(*parts)``; returns that URL."""
+        from pathlib import Path
+
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                self.fs.pipe_file(self.url(*parts, *path.relative_to(folder).parts),
+                                  path.read_bytes())
+        return self.url(*parts)
+
+    def exists(self, *parts: str) -> bool:
+        self.fs.invalidate_cache()
+        return self.fs.exists(self.url(*parts))
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 API on 127.0.0.1, found by every client through the standard variables
+    (``AWS_ENDPOINT_URL``, ``MLFLOW_S3_ENDPOINT_URL``) with dummy keys; stopped after the module."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    import s3fs
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                           "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(key, raising=False)
+        # fsspec caches filesystems (with the endpoint they read): none may outlive a server.
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield endpoint
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, request) -> S3Store:
+    """A fresh bucket per test on the module's S3 server."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return S3Store(s3_server, f"{name}-{uuid.uuid4().hex[:8]}")

@@ -110,6 +110,7 @@ class DataConfig:
     true_epochs: bool = False
     shuffle_buffer: int = 256
     max_bad_fraction: float = 0.01
+    # Videos encoded and scored per chunk in evaluation (memory: chunk x frames x features).
     eval_batch_videos: int = 256
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint import CheckpointError, load_weights_only
 from trainer.config import load_config
 from trainer.metrics import build_gallery, evaluate
 from trainer.student import DualStudent
@@ -22,11 +23,17 @@ def load_student(folder: str | Path) -> tuple[DualStudent, object]:
                                     "(<run.storage>/<run.name>/best)")
     cfg = load_config(config)
     student = DualStudent(cfg.model)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not fit model {cfg.model}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    state = load_weights_only(weights, map_location="cpu")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{weights} is not a state dict of tensors; pass a run's best/ "
+                              "folder written by dldkd")
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as err:  # missing, unexpected or differently shaped tensors
+        lines = [ln.strip() for ln in str(err).splitlines()[1:4] if ln.strip()]
+        raise CheckpointError(f"{weights} does not fit the model of {config} ({'; '.join(lines)}"
+                              "): the weights and config.yaml come from different runs; copy "
+                              "the matching pair") from None
     return student.eval(), cfg
 
 
@@ -35,7 +42,7 @@ def evaluate_checkpoint(folder: str | Path, split: str) -> dict:
 
     student, cfg = load_student(folder)
     gallery = build_gallery(read_all(split, teacher_frames=False), cfg.model.max_words)
-    metrics = evaluate(student, gallery)
+    metrics = evaluate(student, gallery, video_chunk=cfg.data.eval_batch_videos)
     return {"checkpoint": str(folder), "split": split, "videos": gallery.num_videos,
             "queries": gallery.num_queries, "metrics": metrics}
 

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from sharding.splits import val_is_test
+from sharding.splits import VAL_IS_TEST_TAG, val_is_test
 from trainer import checkpoint as ckpt
 from trainer import best, dist, storage
 from trainer.config import RESUMABLE, Config, ConfigError, resume_changes, save_yaml
@@ -148,7 +148,7 @@ class Recipe:
             val_note = val_is_test(cfg.data.val, cfg.data.test)
             if val_note:
                 log.warning(val_note)
-                self.tracker.set_tags({"dldkd.val_is_test": "true"})
+                self.tracker.set_tags({VAL_IS_TEST_TAG: "true"})
 
     def _load_gallery(self, source: str) -> EvalGallery:
         from sharding.reader import read_all
@@ -296,7 +296,8 @@ class Recipe:
     @torch.no_grad()
     def evaluate(self, gallery: EvalGallery) -> dict[str, float]:
         with _gathered(self.engine, self.cfg.dist.zero_stage):
-            enc = encode_gallery(self.student, gallery, device=self.device, dtype=self.dtype)
+            enc = encode_gallery(self.student, gallery, video_chunk=self.cfg.data.eval_batch_videos,
+                                 device=self.device, dtype=self.dtype)
         n = enc.num_queries
         lo = n * self.dist.rank // self.dist.world_size
         hi = n * (self.dist.rank + 1) // self.dist.world_size

@@ -214,8 +214,10 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise TeacherError(f"cannot read teacher checkpoint {path}: {err}; it must be a state dict "
-                           f"saved with torch.save (weights only) or a .safetensors file") from None
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise TeacherError(f"cannot read teacher checkpoint {path} ({why}); it must be a state "
+                           f"dict saved with torch.save (weights only) or a .safetensors file"
+                           ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):

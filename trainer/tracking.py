@@ -21,11 +21,10 @@ PARAM_LIMIT = 6000  # MLflow's param value limit
 
 
 def resolve_uri(configured: str, run_dir: Path) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite file in the run folder."""
+    """Config value (which ``load_config`` filled from $MLFLOW_TRACKING_URI on the driver), else
+    a SQLite file in the run folder; never this process's environment, which a worker may lack."""
     if configured:
         return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
     run_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 

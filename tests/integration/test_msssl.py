@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -14,17 +13,34 @@ from sharding.writer import verify_shards
 from tests.release_fixture import make_release
 
 
-def _spec_frames(raw: np.ndarray) -> np.ndarray:
-    """SPEC 2 as loops: 128 contiguous nearly equal chunks averaged, then L2 rows (eps 1e-5)."""
-    n = raw.shape[0]
-    if n > 128:
-        rows = []
-        for k in range(128):
-            a, b = math.floor(k * n / 128 + 0.5), math.floor((k + 1) * n / 128 + 0.5)
-            rows.append(raw[a:b].astype(np.float64).mean(0))
-        raw = np.stack(rows)
+def _ufs(x: np.ndarray, m: int) -> np.ndarray:
+    """MS-SL's uniform_feature_sampling as loops (round half to even, clipped to n - 1)."""
+    n = len(x)
+    if n <= m:
+        return x
+    idx = [min(int(np.round(k / m * n)), n - 1) for k in range(m + 1)]
+    return np.stack([x[idx[k]:idx[k + 1]].astype(np.float64).mean(0) if idx[k] < idx[k + 1]
+                     else x[idx[k]].astype(np.float64) for k in range(m)])
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
     return np.stack([r / (np.sqrt(float(np.sum(np.square(r, dtype=np.float64)))) + 1e-5)
-                     for r in raw])
+                     for r in x])
+
+
+def _spec_frames(raw: np.ndarray) -> np.ndarray:
+    """SPEC 2 as the reference: averaged over MS-SL's chunks to <= 128, then L2 rows."""
+    return _l2(_ufs(raw, 128))
+
+
+def _reference_pair(raw: np.ndarray, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DL-DKD's Dataset4DLDKD: the student to the teacher's length when the teacher is shorter,
+    then both to <= 128 (a longer teacher to the student's length first: SPEC 2 step 4)."""
+    if len(raw) > len(clip):
+        raw = _ufs(raw, len(clip))
+    if len(clip) > len(raw):
+        clip = _ufs(clip, len(raw))
+    return _l2(_ufs(raw, 128)), _ufs(clip, 128)
 
 
 def _spec_tokens(raw: np.ndarray) -> np.ndarray:
@@ -44,14 +60,16 @@ def test_shards_hold_the_spec_preprocessed_release(tmp_path, collection, clip_ke
     for vid, s in got.items():
         raw = rel.frames[vid]
         assert s.n_frames_orig == raw.shape[0]
-        assert s.frames.shape[0] == min(128, raw.shape[0])
-        np.testing.assert_allclose(s.frames, _spec_frames(raw), atol=1e-3)
+        want_frames, want_teacher = _reference_pair(raw, rel.clip_video[vid])
+        assert s.frames.shape[0] == s.teacher_frame_emb.shape[0] == len(want_frames)
+        np.testing.assert_allclose(s.frames, want_frames, atol=1e-3)
+        np.testing.assert_allclose(s.teacher_frame_emb, want_teacher, rtol=1e-3, atol=1e-3)
+        assert s.step_rows[0, 0] == 0 and s.step_rows[-1, 1] <= raw.shape[0]
         want_caps = [(c, t) for c, t in rel.captions["train"]
                      if c.split("#")[0] == vid and c not in rel.missing_captions]
         assert s.cap_ids == [c for c, _ in want_caps] and s.captions == [t for _, t in want_caps]
         for cap_id, tok in zip(s.cap_ids, s.tokens):
             np.testing.assert_allclose(tok, _spec_tokens(rel.tokens[cap_id]), atol=1e-3)
-        np.testing.assert_allclose(s.teacher_frame_emb, rel.clip_video[vid], rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(s.teacher_text_emb,
                                    np.stack([rel.clip_text[c] for c in s.cap_ids]),
                                    rtol=1e-3, atol=1e-3)
@@ -70,6 +88,32 @@ def test_shards_hold_the_spec_preprocessed_release(tmp_path, collection, clip_ke
     coll = msssl.COLLECTIONS[collection]
     assert manifest["dims"] == {"video_dim": coll.video_dim, "query_dim": coll.query_dim,
                                 "teacher_dim": 512}
+
+
+@pytest.mark.parametrize("long_frames, clip", [(129, False), (255, False), (1000, False),
+                                              (1000, True), (255, True)])
+def test_long_videos_are_preprocessed_as_the_reference(tmp_path, long_frames, clip):
+    """129, 255 and 1,000 feature steps, with and without CLIP features (1,000 student steps
+    with 333 CLIP frames: both streams averaged on one grid, so rows align one to one)."""
+    from sharding.batch import collate
+
+    rel = make_release(tmp_path / "release", "charades", {"train": 3},
+                       long_video_frames=long_frames, clip=clip)
+    convert(rel.root, "charades", "train", tmp_path / "out", progress=False)
+    got = {s.video_id: s for s in read_all(str(tmp_path / "out" / "train"))}
+    long = next(s for s in got.values() if s.n_frames_orig == long_frames)
+    raw = rel.frames[long.video_id]
+    if clip:
+        want, want_teacher = _reference_pair(raw, rel.clip_video[long.video_id])
+        np.testing.assert_allclose(long.teacher_frame_emb, want_teacher, rtol=1e-3, atol=1e-3)
+        batch = collate([long])
+        np.testing.assert_array_equal(batch.teacher_index[0], np.arange(len(want)))
+    else:
+        want = _spec_frames(raw)
+        starts = [min(int(np.round(k / 128 * long_frames)), long_frames - 1) for k in range(128)]
+        np.testing.assert_array_equal(long.step_rows[:, 0], starts)
+    assert long.frames.shape == (min(128, len(want)), raw.shape[1])
+    np.testing.assert_allclose(long.frames, want, atol=1e-3)
 
 
 def test_a_second_run_resumes_without_rewriting_or_reloading(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Sweeps: the YAML search space, the concurrency limit, trial configs, resume, results."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import textwrap
@@ -305,3 +306,52 @@ def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> Non
                for r in children)
     assert {a.path for a in client.list_artifacts(result.parent_run_id, "sweep")} == {
         "sweep/trials.md", "sweep/sumr.png"}
+
+
+ASHA_YAML = """
+    model: {video_dim: 128, query_dim: 64, hidden: 128, heads: 4, input_drop: 0.1, drop: 0.1}
+    loss: {hard_pool: 5, kd: "off", targets: hard, hard_negative_start_epoch: 100}
+    data: {train: TRAIN, val: VAL, batch_videos: 16, steps_per_epoch: 16, loader_workers: 0}
+    train: {epochs: 1, log_every: 4, eval_every: 4, ckpt_every: 8, early_stop: 0}
+    dist: {num_workers: 1, zero_stage: 0}
+    tracking: {system_metrics: false}
+    run: {name: asha, storage: STORAGE}
+    sweep:
+      name: asha-it
+      search_alg: grid
+      max_concurrent: 1
+      trial_cpus: 0.5
+      scheduler: {type: asha, max_t: 16, grace_period: 4, reduction_factor: 2}
+      space:
+        optim.lr: {grid: [1.0e-3, 1.0e-12]}
+"""
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_on_an_evaluation_without_a_checkpoint(world: Path,
+                                                                  tmp_path: Path) -> None:
+    """Checkpoints every 8 steps, evaluations every 4: ASHA's first rung (step 4) is an
+    evaluation-only report. The second trial (lr 1e-12, never learns) is below the first's
+    validation SumR there and is stopped at step 4, before its first checkpoint."""
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(textwrap.dedent(ASHA_YAML).replace("STORAGE", str(tmp_path / "runs"))
+                      .replace("TRAIN", str(world / "train")).replace("VAL", str(world / "val")))
+    cfg, spec = sweep.load_sweep(config, [])
+    assert cfg.train.ckpt_every == 2 * cfg.train.eval_every
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        result = sweep.run_sweep(cfg, spec)
+    finally:
+        ray.shutdown()
+    assert not result.errors
+    trials = sorted((tmp_path / "runs" / "asha-it").glob("asha-it-*"))
+    assert len(trials) == 2
+    steps = {}
+    for trial in trials:
+        rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        steps[rows[0]["config"]["optim.lr"]] = [(r["step"], "val/SumR" in r) for r in rows]
+    assert steps[1e-3] == [(4, True), (8, True), (12, True), (16, True)], steps
+    assert steps[1e-12] == [(4, True)], f"ASHA did not stop the trial at step 4: {steps}"

@@ -384,6 +384,38 @@ def test_entrypoints_name_existing_configs_that_load(monkeypatch) -> None:
         load_config(ROOT / config, overrides)
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shards_runs_and_artifacts_live_in_one_object_store(overlay: str, monkeypatch) -> None:
+    """Shards, run storage (checkpoints, best weights) and MLflow artifacts are in the bucket of
+    the S3-compatible store, which every client finds through the standard variables only."""
+    from trainer.config import load_config
+    from trainer.storage import endpoint_env
+
+    docs = render(overlay)
+    storage = one(docs, "ConfigMap", "dldkd-storage")["data"]
+    # boto3/s3fs/pyarrow read AWS_ENDPOINT_URL, MLflow's S3 client MLFLOW_S3_ENDPOINT_URL.
+    assert storage["MLFLOW_S3_ENDPOINT_URL"] == storage["AWS_ENDPOINT_URL"]
+    assert {"AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"} <= set(endpoint_env(storage))
+    assert not [k for k in storage if k.startswith("DLDKD")], "storage is set by standard names"
+    bucket = re.fullmatch(r"s3://([a-z0-9.-]+)/.+", storage["MLFLOW_ARTIFACTS_DESTINATION"])[1]
+    if overlay == "cpu-dev":  # the in-cluster MinIO is the store
+        assert storage["AWS_ENDPOINT_URL"].split("//")[1].split(":")[0] in {
+            s["metadata"]["name"] for s in by_kind(docs, "Service")}
+    # The entrypoint's config, loaded with the pods' environment (the ConfigMap, as on the head
+    # pod where the driver resolves it), keeps every split and the runs in that bucket.
+    for key in list(storage):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in storage.items():
+        monkeypatch.setenv(key, value)
+    _, config, overrides = parse_entrypoint(overlay, one(docs, "RayJob")["spec"]["entrypoint"])
+    cfg = load_config(ROOT / config, overrides)
+    for key in ("data.train", "data.val", "data.test", "run.storage"):
+        value = cfg.flat()[key]
+        assert value.startswith(f"s3://{bucket}/"), f"{overlay}: {key}={value!r} is not in " \
+            f"s3://{bucket}/ (a path there would exist on no pod)"
+    assert cfg.tracking.uri == storage["MLFLOW_TRACKING_URI"]
+
+
 def test_entrypoints_parse_with_the_dldkd_cli() -> None:
     assert (ROOT / "launch" / "cli.py").is_file(), "launch/cli.py (the dldkd CLI) is missing"
     from launch.cli import build_parser

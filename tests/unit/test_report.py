@@ -248,3 +248,12 @@ def test_mean_std_and_mean_curve_against_a_loop() -> None:
     a, b = record("v"), record("v")
     a.curve, b.curve = [(10, 1.0), (20, 3.0)], [(10, 2.0)]
     assert report.mean_curve([a, b]) == [(10, 1.5, 2), (20, 3.0, 1)]
+
+
+def test_runs_selected_on_the_test_split_are_flagged() -> None:
+    records = [report.RunRecord("a", "run-a", "FINISHED", {}, val_is_test=True),
+               report.RunRecord("b", "run-b", "FINISHED", {})]
+    text = report.render("t", [], records, {"curves": Path("curves.png")}, "no teacher")
+    assert "**Validation was the test split** for 1 of 2 runs" in text and "run-a" in text
+    text = report.render("t", [], records[1:], {"curves": Path("curves.png")}, "no teacher")
+    assert "Validation was the test split" not in text

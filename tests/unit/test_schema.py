@@ -4,25 +4,29 @@ import io
 import numpy as np
 import pytest
 
-from sharding.batch import VideoSample
-from sharding.preprocess import l2_normalise, prepare_frames, prepare_tokens, uniform_sample
+from sharding.batch import VideoSample, align_index
+from sharding.preprocess import (chunk_bounds, l2_normalise, prepare_frames, prepare_tokens,
+                                 resample_pair, step_rows, uniform_sample)
 from sharding.schema import (SCHEMA_VERSION, ShardError, UnsafeMemberError, decode_sample,
                              encode_sample, sample_key)
 
 
 def _loop_uniform(frames, m):
-    """Plain-loop reading of SPEC 2 step 2: m contiguous chunks whose sizes differ by at most 1."""
+    """MS-SL's ``uniform_feature_sampling`` as loops: boundaries round(k / m * n) (half to even),
+    clipped to n - 1; a chunk is the mean of rows [s, e), or row s alone when s == e."""
     n = len(frames)
-    out, start = [], 0
+    if n <= m:
+        return np.asarray(frames)
+    idx = [min(int(np.round(k / m * n)), n - 1) for k in range(m + 1)]
+    out = []
     for k in range(m):
-        end = int(np.floor((k + 1) * n / m + 0.5)) if k < m - 1 else n
-        out.append(sum(frames[i] for i in range(start, end)) / (end - start))
-        start = end
+        s, e = idx[k], idx[k + 1]
+        out.append(sum(frames[i] for i in range(s, e)) / (e - s) if s < e else frames[s])
     return np.array(out)
 
 
-@pytest.mark.parametrize("n", [1, 77, 128, 129, 255, 300, 1000])
-def test_uniform_sample_matches_loop(n):
+@pytest.mark.parametrize("n", [1, 77, 128, 129, 255, 256, 300, 1000])
+def test_uniform_sample_matches_the_reference_loop(n):
     x = np.random.default_rng(n).normal(size=(n, 5)).astype(np.float32)
     got = uniform_sample(x, 128)
     if n <= 128:
@@ -33,15 +37,65 @@ def test_uniform_sample_matches_loop(n):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_uniform_sample_uses_every_frame_in_nearly_equal_chunks():
-    n = 1000
-    x = np.arange(n, dtype=np.float32)[:, None]   # frame index as its feature
+def test_reference_chunks_round_half_to_even_and_drop_the_last_row():
+    x = np.arange(1000, dtype=np.float32)[:, None]   # row index as its feature
     got = uniform_sample(x, 128)[:, 0]
-    # chunk means of consecutive indices: chunk sizes are 7 or 8 and the last frame is included
-    sizes = np.diff(np.floor(np.arange(129) * n / 128 + 0.5))
-    assert set(sizes) <= {7.0, 8.0}
-    assert got[-1] == pytest.approx(np.mean(np.arange(n - int(sizes[-1]), n)))
-    assert np.all(np.diff(got) > 0)
+    # 1000 / 128 = 7.8125: boundary 4 is 31.25 -> 31; boundary 128 is 1000, clipped to 999.
+    assert got[0] == pytest.approx(np.mean(np.arange(0, 8)))
+    assert got[-1] == pytest.approx(np.mean(np.arange(992, 999)))   # row 999 is not used
+    # 129 rows: k/128*129 = k + k/128; k = 64 gives 64.5, which rounds to 64 (half to even).
+    x = np.arange(129, dtype=np.float32)[:, None]
+    starts, ends = chunk_bounds(129, 128)
+    assert (starts[63], ends[63], starts[64], ends[64]) == (63, 64, 64, 66)
+    assert uniform_sample(x, 128)[64, 0] == pytest.approx(64.5)
+    # 255 rows: chunk 127 is [253, 254): boundary 128 = 255 clipped to 254.
+    assert (chunk_bounds(255, 128)[0][-1], chunk_bounds(255, 128)[1][-1]) == (253, 254)
+
+
+def test_equal_boundaries_keep_that_row():
+    # 3 rows into 2 chunks: round([0, 1.5, 3]) = [0, 2, 3] -> clipped [0, 2, 2]: chunk 1 is
+    # boundaries (2, 2), the reference keeps row 2 alone.
+    x = np.array([[1.0], [3.0], [10.0]], np.float32)
+    np.testing.assert_allclose(uniform_sample(x, 2), [[2.0], [10.0]])
+    np.testing.assert_allclose(_loop_uniform(x, 2), [[2.0], [10.0]])
+
+
+def _loop_pair(student, teacher, m=128):
+    """DL-DKD's Dataset4DLDKD as loops (student to the teacher's length when longer, then both
+    to m), and a longer teacher to the student's length (SPEC 2 step 4)."""
+    if len(student) > len(teacher):
+        student = _loop_uniform(student, len(teacher))
+    if len(teacher) > len(student):
+        teacher = _loop_uniform(teacher, len(student))
+    return _loop_uniform(student, m), _loop_uniform(teacher, m)
+
+
+@pytest.mark.parametrize("n_s, n_t", [(1000, 129), (129, 1000), (255, 255), (300, 40),
+                                      (60, 255), (40, 40), (1000, 1000)])
+def test_resample_pair_matches_the_reference_loop(n_s, n_t):
+    rng = np.random.default_rng(n_s * 7 + n_t)
+    s = rng.normal(size=(n_s, 6)).astype(np.float32)
+    t = rng.normal(size=(n_t, 4)).astype(np.float32)
+    got_s, got_t, rows = resample_pair(s, t)
+    want_s, want_t = _loop_pair(s.astype(np.float64), t.astype(np.float64))
+    assert got_s.shape[0] == got_t.shape[0] == rows.shape[0] == min(n_s, n_t, 128)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_t, want_t, rtol=1e-5, atol=1e-6)
+    # step rows: the source student rows behind each kept row, in order and inside [0, n_s].
+    assert rows[0, 0] == 0 and np.all(rows[:, 0] < rows[:, 1]) and rows[-1, 1] <= n_s
+    assert np.all(np.diff(rows[:, 0]) >= 0)
+    if n_s <= n_t:   # no first stage: the student's own chunks
+        np.testing.assert_array_equal(rows, step_rows(n_s))
+
+
+def test_step_rows_and_align_index_follow_the_chunks():
+    np.testing.assert_array_equal(step_rows(3), [[0, 1], [1, 2], [2, 3]])
+    starts, ends = chunk_bounds(1000, 128)
+    np.testing.assert_array_equal(step_rows(1000), np.stack([starts, ends], axis=1))
+    # A teacher frame per source step: the frame at each chunk's centre.
+    np.testing.assert_array_equal(align_index(1000, 128), (starts + ends) // 2)
+    np.testing.assert_array_equal(align_index(40, 40), np.arange(40))
+    np.testing.assert_array_equal(align_index(2, 4), [0, 0, 1, 1])
 
 
 def test_l2_normalise_and_tokens():
@@ -82,12 +136,14 @@ def _sample(rng, vid="s01.e02/clip_7", n=300, n_caps=3, teacher=True):
 
 def test_round_trip():
     s = _sample(np.random.default_rng(0))
+    s.step_rows = step_rows(300)
     enc = encode_sample(s)
     assert all(isinstance(v, bytes) for k, v in enc.items() if k != "__key__")
     assert {k.rsplit(".", 1)[-1] for k in enc if k != "__key__"} <= {"npy", "json", "jpg"}
     d = decode_sample(enc, "train-000000.tar")
     assert d.video_id == s.video_id and d.cap_ids == s.cap_ids and d.captions == s.captions
     assert d.n_frames_orig == 300 and d.moments == s.moments
+    np.testing.assert_array_equal(d.step_rows, step_rows(300))
     assert d.frames.dtype == np.float16 and d.frames.shape == (128, 12)
     np.testing.assert_allclose(d.frames, s.frames, atol=1e-3)
     assert [t.shape for t in d.tokens] == [t.shape for t in s.tokens]
@@ -158,6 +214,10 @@ def test_damaged_samples_are_shard_errors():
     meta["schema_version"] = SCHEMA_VERSION + 1
     with pytest.raises(ShardError, match="schema version"):
         decode_sample(dict(enc, **{"meta.json": json.dumps(meta).encode()}), "s.tar")
+    rows = io.BytesIO()
+    np.save(rows, step_rows(300)[:-1])
+    with pytest.raises(ShardError, match="steps.npy has shape"):
+        decode_sample(dict(enc, **{"steps.npy": rows.getvalue()}), "s.tar")
 
 
 def test_encode_refuses_unprepared_input():
@@ -169,4 +229,8 @@ def test_encode_refuses_unprepared_input():
     s = _sample(rng, teacher=False)
     s.tokens[0] = rng.normal(size=(31, 8))
     with pytest.raises(ValueError, match="prepare_tokens"):
+        encode_sample(s)
+    s = _sample(rng, teacher=False)
+    s.step_rows = step_rows(10)
+    with pytest.raises(ValueError, match="step_rows"):
         encode_sample(s)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.server
+import importlib
 import json
 import shutil
 import socket
@@ -97,7 +98,7 @@ def test_a_broken_yaml_file_is_a_failed_check(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {hidden: [1, 2\n")
     report, checks = run([], config=bad)
-    assert not report.ok and "not valid YAML" in checks["config"].message
+    assert not report.ok and "bad.yaml: YAML syntax error at line 2" in checks["config"].message
 
 
 def test_batch_of_one_video_fails(good):
@@ -227,12 +228,73 @@ def test_teacher_model_config_that_does_not_parse_fails(good, tmp_path):
     assert checks["teacher"].status == FAIL and "not valid JSON" in checks["teacher"].message
 
 
-def test_open_clip_tag_and_hub_name_warn_about_download(good):
-    _, checks = run(good + ["teacher.arch=ViT-B-32", "teacher.model_config=''",
-                            "teacher.pretrained=openai"])
-    assert checks["teacher"].status in (WARN, OK)   # OK only where the weights are cached
+HUB_TEACHER = ["teacher.arch=ViT-B-32", "teacher.model_config=''", "teacher.pretrained=openai"]
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and a local stand-in for the hub (HF_ENDPOINT)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            asked.append(self.path)
+            self.send_response(200 if self.path.startswith("/api/models/timm/") else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield tmp_path / "hf", asked
+    server.shutdown()
+
+
+def test_teacher_weights_downloadable_from_the_hub(good, hub):
+    _, asked = hub
+    _, checks = run(good + HUB_TEACHER)
+    assert checks["teacher"].status == OK and "downloadable" in checks["teacher"].message
+    assert asked == ["/api/models/timm/vit_base_patch32_clip_224.openai"]
     _, checks = run(good + ["teacher.pretrained=hf-hub:nobody/no-such-model"])
-    assert checks["teacher"].status == WARN and "downloaded" in checks["teacher"].message
+    assert checks["teacher"].status == FAIL and "answered 404" in checks["teacher"].message
+
+
+def test_teacher_weights_in_the_local_cache(good, hub):
+    cache, asked = hub
+    repo = cache / "models--timm--vit_base_patch32_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"w")
+    _, checks = run(good + HUB_TEACHER)
+    assert checks["teacher"].status == OK and "in this machine's cache" in \
+        checks["teacher"].message
+    assert asked == []
+
+
+def test_teacher_weights_neither_cached_nor_downloadable_fail_with_the_fix(good, hub,
+                                                                         monkeypatch):
+    with socket.socket() as sock:         # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    report, checks = run(good + HUB_TEACHER)
+    message = checks["teacher"].message
+    assert not report.ok and checks["teacher"].status == FAIL
+    assert "not downloadable" in message and "could not be reached" in message
+    assert "teacher.pretrained" in message and "HF_HOME" in message
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, checks = run(good + HUB_TEACHER)
+    assert checks["teacher"].status == FAIL and "unset HF_HUB_OFFLINE" in \
+        checks["teacher"].message
+    _, checks = run(good + HUB_TEACHER, offline=True)       # config only: not probed
+    assert checks["teacher"].status == WARN and "not checked" in checks["teacher"].message
 
 
 def test_storage_that_cannot_be_created_fails(good, tmp_path):
@@ -244,7 +306,10 @@ def test_storage_that_cannot_be_created_fails(good, tmp_path):
 
 
 def test_s3_storage_without_s3fs_names_the_package(good, monkeypatch):
+    loaded = importlib.import_module("fsspec.registry")._registry
     monkeypatch.setitem(sys.modules, "s3fs", None)   # import fails as if not installed
+    for proto in ("s3", "s3a"):   # and fsspec forgets an s3fs an earlier test loaded
+        monkeypatch.delitem(loaded, proto, raising=False)
     _, checks = run(good + ["run.storage=s3://bucket/runs", "tracking.uri=sqlite:///mlflow.db"])
     assert checks["storage"].status == FAIL and "pip install s3fs" in checks["storage"].message
 

@@ -1,0 +1,263 @@
+"""``dldkd shard frames``: add teacher frames, decoded from the raw videos, to a written split.
+
+The split is rewritten into a new folder: each output shard holds the source shard's samples,
+every member kept, plus ``f000.jpg..`` (one frame per student feature step, at the centre of the
+step's time span). Keeping frames in the same sample as the features, rather than in side shards
+joined by key, keeps the reader unchanged and every sample whole (the reader shuffles and splits
+by shard, which a join across two shard sets would have to repeat in lockstep); the source
+shards are never modified.
+
+Videos are decoded in worker processes, a bounded number of videos in flight. Each output shard
+is written to a temporary name, fsynced and renamed, and recorded in ``.progress-frames.json``;
+a rerun with the same options keeps every recorded shard whose source and output still verify.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from sharding.preprocess import step_rows
+from sharding.schema import FRAMES, JPEG_QUALITY, META, STEPS
+from sharding.video import PROBLEMS, FrameJob, extract, find_video, index_videos
+from sharding.writer import (MANIFEST, Manifest, ShardInfo, _add_member, _atomic_write,
+                             _remove_stale, load_manifest, sha256_file)
+
+PROGRESS = ".progress-frames.json"
+DEFAULT_SIZE = 224   # ViT-B/32's input; configs/teacher-tiny.json takes 32
+_JPEG = re.compile(r"f\d{3,}\.jpg")
+
+
+def add_frames(shards, videos, out, *, size: int = DEFAULT_SIZE, quality: int = JPEG_QUALITY,
+               seconds_per_step: float | None = None, workers: int | None = None,
+               progress: bool = True) -> Manifest:
+    """Write ``out/`` = the split in ``shards/`` with frames from the files under ``videos/``.
+
+    By default a video's feature steps are spread evenly over its duration; with
+    ``seconds_per_step`` step i covers [i s, (i + 1) s). Videos that are missing, unreadable or
+    too short are left out of the output and listed in its manifest's ``skipped``.
+    """
+    src_dir, out_dir = Path(shards), Path(out)
+    if "://" in str(shards) or "://" in str(out):
+        raise ValueError("dldkd shard frames reads and writes local folders; copy the split "
+                         "here first (e.g. `aws s3 sync`) and upload the output after")
+    if src_dir.resolve() == out_dir.resolve():
+        raise ValueError(f"--out {out} must differ from --shards {shards}: the source shards are "
+                         "read while the new ones are written (and stay as they are)")
+    if not 16 <= size <= 1024:
+        raise ValueError(f"--size {size}: the teacher's input size in pixels, 16..1024 (224 for "
+                         "ViT-B-32)")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"--quality {quality}: JPEG quality must be 1..100")
+    if seconds_per_step is not None and seconds_per_step <= 0:
+        raise ValueError(f"--seconds-per-step {seconds_per_step} must be > 0")
+    src = load_manifest(src_dir)
+    index = index_videos(videos)
+    if not index:
+        raise ValueError(f"--videos {videos}: no .mp4/.mkv/.webm/.avi files found under it")
+    options = {"size": size, "quality": quality, "seconds_per_step": seconds_per_step,
+               "videos": str(Path(videos).resolve())}
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = _read_progress(out_dir / PROGRESS, digest)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=src.totals["videos"], desc=f"frames {src.split}", unit="video",
+               disable=not progress)
+    done, todo = {}, []
+    for shard in src.shards:
+        rec = record.get(shard.name)
+        if rec and rec["source_sha256"] == shard.sha256 and _output_ok(out_dir, rec):
+            done[shard.name] = rec
+            bar.update(shard.videos)
+        else:
+            todo.append(shard)
+
+    def save():
+        _atomic_write(out_dir / PROGRESS, json.dumps({"options": digest, "shards": done}).encode())
+
+    save()
+    jobs = _jobs(src_dir, todo, index, size, quality, seconds_per_step)
+    writer = _ShardWriter(out_dir)
+    for shard, members, vid, jpegs, problem in _run(jobs, workers):
+        if writer.name != shard.name:
+            if writer.name is not None:
+                done.update(writer.close())
+                save()
+            writer.open(shard)
+        bar.update(1)
+        if problem:
+            writer.problems[vid] = problem
+            bar.set_postfix(skipped=len(writer.problems))
+        else:
+            writer.add(members, jpegs)
+    if writer.name is not None:
+        done.update(writer.close())
+        save()
+    bar.close()
+    return _finish(src, out_dir, done, options)
+
+
+def _read_progress(path: Path, digest: str) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        rec = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    return rec.get("shards", {}) if rec.get("options") == digest else {}
+
+
+def _output_ok(out_dir: Path, rec: dict) -> bool:
+    info = rec["info"]
+    if info is None:   # every video of that shard was skipped: nothing was written
+        return True
+    path = out_dir / info["name"]
+    return path.exists() and sha256_file(path) == info["sha256"]
+
+
+def _samples(path: Path) -> Iterator[tuple[str, dict]]:
+    """(key, {member: bytes}) of each sample of a local shard, in tar order."""
+    with tarfile.open(path, "r:") as tar:
+        key, members = None, {}
+        for m in tar:
+            if not m.isfile():
+                continue
+            k, _, name = m.name.partition(".")
+            if k != key and members:
+                yield key, members
+                members = {}
+            key = k
+            members[name] = tar.extractfile(m).read()
+        if members:
+            yield key, members
+
+
+def _jobs(src_dir: Path, shards: list[ShardInfo], index: dict, size: int, quality: int,
+          seconds_per_step: float | None):
+    for shard in shards:
+        path = src_dir / shard.name
+        if not path.exists():
+            raise FileNotFoundError(f"shard {path} is listed in {src_dir / MANIFEST} but missing")
+        for key, members in _samples(path):
+            if META not in members or FRAMES not in members:
+                raise ValueError(f"shard {path}: sample {key!r} lacks {META} or {FRAMES}; "
+                                 "rewrite the split with `dldkd shard msssl`")
+            meta = json.loads(members[META])
+            n = np.load(io.BytesIO(members[FRAMES]), allow_pickle=False).shape[0]
+            n_orig = int(meta.get("n_frames_orig") or n)
+            rows = (np.load(io.BytesIO(members[STEPS]), allow_pickle=False) if STEPS in members
+                    else step_rows(n_orig))
+            if len(rows) != n:
+                raise ValueError(f"shard {path}: video {meta['video_id']!r} has {n} feature rows "
+                                 f"but {len(rows)} step spans; rewrite the split with `dldkd "
+                                 "shard msssl`")
+            kept = {k: v for k, v in members.items() if not _JPEG.fullmatch(k)}
+            kept["__key__"] = key
+            job = FrameJob(meta["video_id"], find_video(index, meta["video_id"]),
+                           tuple(float(c) for c in rows.mean(axis=1)), n_orig, seconds_per_step,
+                           size, quality)
+            yield shard, kept, job
+
+
+def _run(jobs, workers: int | None):
+    """(shard, members, video id, jpegs, problem) per job, in job order, at most 2 x workers
+    videos in flight."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        for shard, members, job in jobs:
+            yield (shard, members, *extract(job))
+        return
+    import multiprocessing
+
+    # spawn: decoder processes start clean (no torch, no inherited threads).
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque = deque()
+        for shard, members, job in jobs:
+            pending.append((shard, members, pool.submit(extract, job)))
+            if len(pending) >= 2 * workers:
+                shard_, members_, fut = pending.popleft()
+                yield (shard_, members_, *fut.result())
+        while pending:
+            shard_, members_, fut = pending.popleft()
+            yield (shard_, members_, *fut.result())
+
+
+class _ShardWriter:
+    """Streams one output shard to ``<name>.tmp``; ``close`` fsyncs, renames and returns
+    {name: its progress record}."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.name: str | None = None
+
+    def open(self, shard: ShardInfo) -> None:
+        self.name, self.source = shard.name, shard
+        self.tmp = self.out_dir / (shard.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.videos = self.captions = 0
+        self.problems: dict[str, str] = {}
+
+    def add(self, members: dict, jpegs: list[bytes]) -> None:
+        members = dict(members)
+        key = members.pop("__key__")
+        members.update({f"f{i:03d}.jpg": data for i, data in enumerate(jpegs)})
+        for name in sorted(members):
+            _add_member(self.tar, f"{key}.{name}", members[name])
+        self.videos += 1
+        self.captions += len(json.loads(members[META])["cap_ids"])
+
+    def close(self) -> dict:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        path = self.out_dir / self.name
+        info = None
+        if self.videos:
+            os.replace(self.tmp, path)
+            info = asdict(ShardInfo(path.name, sha256_file(path), self.videos, self.captions,
+                                    path.stat().st_size))
+        else:
+            self.tmp.unlink()
+            path.unlink(missing_ok=True)
+        name, self.name = self.name, None
+        return {name: {"source_sha256": self.source.sha256, "info": info,
+                       "problems": self.problems}}
+
+
+def _finish(src: Manifest, out_dir: Path, done: dict, options: dict) -> Manifest:
+    shards = [ShardInfo(**done[s.name]["info"]) for s in src.shards if done[s.name]["info"]]
+    problems = {vid: why for s in src.shards for vid, why in done[s.name]["problems"].items()}
+    if not shards:
+        raise ValueError(f"no video of {src.base} got its frames ({len(problems)} skipped, e.g. "
+                         f"{next(iter(problems.items()), None)})")
+    _remove_stale(out_dir, src.split, {s.name for s in shards})
+    counts = {kind: sum(why.startswith(kind) for why in problems.values()) for kind in PROBLEMS}
+    notes = dict(src.notes)
+    notes["frames"] = {**options, "source": str(src.base),
+                       "timing": ("feature steps spread evenly over each video"
+                                  if options["seconds_per_step"] is None else
+                                  f"{options['seconds_per_step']:g} s per feature step"),
+                       "frame": "one per student feature step, at the centre of its time span",
+                       "skipped": counts}
+    skipped = dict(src.skipped.get("ids", {}))
+    skipped.update({vid: f"frames: {why}" for vid, why in problems.items()})
+    manifest = Manifest(split=src.split, shards=shards, dims={**src.dims, "image_size":
+                                                                 options["size"]},
+                        skipped={"count": len(skipped), "ids": skipped}, notes=notes)
+    _atomic_write(out_dir / MANIFEST, manifest.to_json().encode())
+    manifest.base = str(out_dir)
+    return manifest

@@ -1,0 +1,105 @@
+"""Bad input through the one CLI: each case exits 2 with one message naming the file, key or
+shard and the fix, never a traceback. The table is the contract; add a row per new case."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main as cli
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+HARD = ["loss.kd=off", "loss.targets=hard"]
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory) -> Path:
+    """A finished tiny run (best/ and checkpoints) to relaunch and evaluate."""
+    storage = tmp_path_factory.mktemp("runs")
+    over = tiny_overrides(world, storage, name="done", **{"train.epochs": 1}) + HARD
+    assert cli(["train", "--config", "configs/tiny.yaml", "--no-ray", *over]) == 0
+    return storage
+
+
+def _bad_yaml(tmp: Path, world, finished) -> list[str]:
+    path = tmp / "bad.yaml"
+    path.write_text("model: {hidden: 4\nloss: [\n")
+    return ["train", "--config", str(path), "--no-ray"]
+
+
+def _train(*extra):
+    def build(tmp: Path, world, finished) -> list[str]:
+        over = tiny_overrides(world, tmp / "runs", name="bad", **{"train.epochs": 1}) + HARD
+        return ["train", "--config", "configs/tiny.yaml", "--no-ray", *over,
+                *[e.format(tmp=tmp, world=world) for e in extra]]
+    return build
+
+
+def _damaged_shards(tmp: Path, world, finished) -> list[str]:
+    shutil.copytree(world / "train", tmp / "train")
+    shards = sorted((tmp / "train").glob("*.tar"))
+    shards[0].write_bytes(shards[0].read_bytes()[:5000])        # truncated
+    shards[1].write_bytes(b"\x00garbage" * 100)                  # random bytes
+    return _train(f"data.train={tmp / 'train'}", "data.val=")(tmp, world, finished)
+
+
+def _bad_manifest(tmp: Path, world, finished) -> list[str]:
+    shutil.copytree(world / "train", tmp / "train")
+    (tmp / "train" / "manifest.json").write_text("{ not json")
+    return _train(f"data.train={tmp / 'train'}")(tmp, world, finished)
+
+
+def _bad_teacher(tmp: Path, world, finished) -> list[str]:
+    (tmp / "teacher.pt").write_bytes(b"not a checkpoint")
+    over = tiny_overrides(world, tmp / "runs", name="t", **{"train.epochs": 1})
+    return ["train", "--config", "configs/tiny.yaml", "--no-ray", *over,
+            f"teacher.pretrained={tmp / 'teacher.pt'}"]
+
+
+def _eval(damage):
+    def build(tmp: Path, world, finished) -> list[str]:
+        best = tmp / "best"
+        shutil.copytree(finished / "done" / "best", best)
+        damage(best)
+        return ["eval", "--checkpoint", str(best), "--split", str(world / "val")]
+    return build
+
+
+def _relaunch_changed(tmp: Path, world, finished) -> list[str]:
+    over = tiny_overrides(world, finished, name="done", **{"train.epochs": 1}) + HARD
+    return ["train", "--config", "configs/tiny.yaml", "--no-ray", *over, "model.hidden=64"]
+
+
+CASES = {
+    "yaml syntax": (_bad_yaml, "bad.yaml: YAML syntax error at line 2"),
+    "unknown key": (_train("optim.lrr=0.1"), "unknown config key 'optim.lrr'; did you mean "
+                                             "'optim.lr'"),
+    "bad choice": (_train("loss.kd=sometimes"), "loss.kd='sometimes' is not allowed; choose one"),
+    "out of range": (_train("optim.lr=5"), "optim.lr=5.0 is out of range; allowed (0, 1]"),
+    "missing split": (_train("data.train={tmp}/nowhere"), "no shard manifest at"),
+    "damaged shards": (_damaged_shards, "were damaged, more than data.max_bad_fraction"),
+    "bad manifest": (_bad_manifest, "manifest.json"),
+    "bad teacher file": (_bad_teacher, "cannot read teacher checkpoint"),
+    "corrupt student": (_eval(lambda b: (b / "student.pt").write_bytes(b"\x80garbage")),
+                        "refused to load checkpoint file"),
+    "student from another run": (
+        _eval(lambda b: (b / "config.yaml").write_text(
+            (b / "config.yaml").read_text().replace("hidden: 128", "hidden: 64"))),
+        "does not fit the model"),
+    "relaunch, other model": (_relaunch_changed, "model.hidden: 128 -> 64"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_clear_message(case, world, finished, tmp_path, capsys):
+    build, fragment = CASES[case]
+    argv = build(tmp_path, world, finished)
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err, err[-2000:]
+    message = err[err.index(f"dldkd {argv[0]}: error:"):]
+    assert "Traceback" not in err and message.count("\n") == 2, err   # message + --debug hint

@@ -27,7 +27,7 @@ from sharding.preprocess import l2_normalise, prepare_frames, prepare_tokens, un
 from sharding.reader import ShardReader
 from sharding.writer import write_split
 
-DV, DQ = 3072, 768   # TVR i3d_resnet, RoBERTa (SPEC 2)
+DV, DQ = 3072, 768   # TVR i3d_resnet, RoBERTa (method.md §2)
 
 
 def make_release(root: Path, n_videos: int, seed: int = 0) -> list[str]:

@@ -4,7 +4,7 @@ HuiGuanLab/DL-DKD encodes every padded position with an explicit attention softm
 branch twice (normalised and raw einsum into a (Q, L, B) tensor), loops in Python over videos
 (triplet and InfoNCE video sides) and over queries (KD), deep-copies the score matrix to pick
 query-side negatives, and runs every step under ``torch.autograd.detect_anomaly``. This file
-mirrors that cost structure, written from SPEC 3 and 5 on the student's own parameters, so that
+mirrors that cost structure, written from method.md §3 and 5 on the student's own parameters, so that
 bench.step can time it beside ours on the same inputs. It is not used in training.
 """
 from __future__ import annotations

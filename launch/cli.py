@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard_sub = shard.add_subparsers(dest="source", required=True, metavar="SOURCE")
     ms = shard_sub.add_parser("msssl", help="convert the MS-SL data release (TVR, ActivityNet, "
                               "Charades-STA)", description="Convert the MS-SL release layout "
-                              "(SPEC 2); re-running resumes, skipping verified shards.")
+                              "(method.md §2); re-running resumes, skipping verified shards.")
     ms.add_argument("--root", required=True, help="folder holding <collection>/FeatureData, "
                     "<collection>/TextData")
     ms.add_argument("--collection", required=True, choices=["tvr", "activitynet", "charades"])
@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--pretrain-pairs", type=int, default=3000)
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--videos-per-shard", type=int, default=100)
+    syn.add_argument("--min-frames", type=int, default=16, help="shortest video, in frames")
+    syn.add_argument("--max-frames", type=int, default=64,
+                     help="longest video (> 128 exercises the uniform sampling to 128 steps)")
+    syn.add_argument("--image-size", type=int, default=32, help="teacher frame size, pixels")
+    syn.add_argument("--video-dim", type=int, default=128, help="student frame feature dim")
+    syn.add_argument("--query-dim", type=int, default=64, help="caption token feature dim")
 
     val = sub.add_parser("validate", help="check a config before a cluster is touched",
                          description="Config types and ranges, batch arithmetic, shards vs "

@@ -17,10 +17,14 @@ def cmd_shard(args: argparse.Namespace) -> int:
         return 0
     if args.source == "frames":
         return _shard_frames(args)
-    from sharding.synthetic import build_world
+    from sharding.synthetic import WorldConfig, build_world
 
+    world = WorldConfig(video_dim=args.video_dim, query_dim=args.query_dim,
+                        image_size=args.image_size, min_frames=args.min_frames,
+                        max_frames=args.max_frames)
     out = build_world(args.out, videos=args.videos, eval_videos=args.eval_videos, seed=args.seed,
-                      pretrain_pairs=args.pretrain_pairs, videos_per_shard=args.videos_per_shard)
+                      pretrain_pairs=args.pretrain_pairs, cfg=world,
+                      videos_per_shard=args.videos_per_shard)
     for split in out:
         print(f"{split}: {Path(args.out) / split}")
     return 0

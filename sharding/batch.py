@@ -1,9 +1,9 @@
 """One decoded video and the training batch built from several (the reader -> trainer contract).
 
-A batch holds B videos with all their captions, ordered as SPEC 5 needs: videos sorted by caption
+A batch holds B videos with all their captions, ordered as method.md §5 needs: videos sorted by caption
 count (descending, stable), each video's queries contiguous, ``labels[i]`` the batch index of query
 i's video. Teacher inputs are aligned to the student's frames: position l of video j in every
-teacher tensor describes the same time step as ``video_feats[j, l]`` (SPEC 2 step 4).
+teacher tensor describes the same time step as ``video_feats[j, l]`` (method.md §2).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 @dataclass
 class VideoSample:
-    """One video as decoded from a shard (arrays already preprocessed per SPEC 2)."""
+    """One video as decoded from a shard (arrays already preprocessed per method.md §2)."""
 
     video_id: str
     frames: np.ndarray            # (n, Dv) float16/32, n <= 128, rows L2-normalised
@@ -93,7 +93,7 @@ def align_index(n_teacher: int, n_student: int) -> np.ndarray:
 
 
 def collate(samples: list[VideoSample], max_words: int = 30) -> Batch:
-    """Stack videos into a Batch in SPEC 5 order (caption count descending, stable)."""
+    """Stack videos into a Batch in method.md §5 order (caption count descending, stable)."""
     if not samples:
         raise ValueError("cannot collate an empty list of videos")
     order = sorted(range(len(samples)), key=lambda k: -len(samples[k].cap_ids))

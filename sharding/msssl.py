@@ -1,4 +1,4 @@
-"""Convert the MS-SL data release (SPEC 2) into shards, one video with all its captions per sample.
+"""Convert the MS-SL data release (method.md §2) into shards, one video with all its captions per sample.
 
 Streams video by video: ``feature.bin`` is memory-mapped and only one video's rows are read at a
 time, HDF5 datasets are read per caption, so a TVR-sized release converts in bounded memory.
@@ -38,7 +38,7 @@ SPLITS = ("train", "val", "test")
 
 
 class ReleaseError(ValueError):
-    """The release on disk does not have the layout SPEC 2 describes."""
+    """The release on disk does not have the layout method.md §2 describes."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class BigFile:
             if not (folder / name).exists():
                 raise ReleaseError(f"BigFile {folder} lacks {name}: point --root at the folder "
                                    "that holds <collection>/FeatureData, or pass the feature "
-                                   "folder name (--visual-feature)")
+                                   "folder name (--feature)")
         try:
             n, d = (int(v) for v in (folder / "shape.txt").read_text().split())
         except ValueError as e:
@@ -246,7 +246,7 @@ class _Source:
 def convert(root, collection: str, split: str, out, *, visual_feature: str | None = None,
             videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD, max_shard_bytes: int | None = None,
             clip: bool | None = None, progress: bool = True) -> Manifest:
-    """Write ``out/<split>/`` shards + manifest.json from ``<root>/<collection>/`` (SPEC 2).
+    """Write ``out/<split>/`` shards + manifest.json from ``<root>/<collection>/`` (method.md §2).
 
     ``visual_feature`` overrides the BigFile folder name; ``clip`` None uses the DL-DKD CLIP HDF5
     files when both exist, True requires them, False ignores them.
@@ -261,11 +261,11 @@ def convert(root, collection: str, split: str, out, *, visual_feature: str | Non
             raise ReleaseError(
                 f"{collection} should have video dim {expected.video_dim} ({paths.features}) and "
                 f"query dim {expected.query_dim} ({paths.roberta}), found {dims['video_dim']} and "
-                f"{dims['query_dim']}; pass --visual-feature if this is another feature")
+                f"{dims['query_dim']}; pass --feature if this is another feature")
         notes = {
             "source": "msssl", "collection": collection,
             "visual_feature": paths.features.name,
-            "preprocessing": "SPEC 2 as the MS-SL/DL-DKD reference: with CLIP features the "
+            "preprocessing": "method.md §2 as the MS-SL/DL-DKD reference: with CLIP features the "
                              "longer of the student and CLIP frame streams is first averaged to "
                              "the shorter's length; then both are averaged over the reference's "
                              "chunks to <= 128 rows (step_rows in meta.json), student rows "

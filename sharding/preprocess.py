@@ -1,4 +1,4 @@
-"""SPEC 2 preprocessing as pure functions: applied once by the shard writers, never by the reader."""
+"""method.md §2 preprocessing as pure functions: applied once by the shard writers, never by the reader."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +49,7 @@ def resample_pair(student: np.ndarray, teacher: np.ndarray, max_frames: int = MA
     """Student and pre-extracted teacher frames on one time grid, as the DL-DKD reference does.
 
     The longer stream is first averaged to the shorter one's length (the reference does this for
-    a longer student and leaves a longer teacher misaligned; SPEC 2 step 4 aligns both), then both
+    a longer student and leaves a longer teacher misaligned; method.md §2 aligns both), then both
     go through :func:`uniform_sample`, so row k of each covers the same chunk of the video.
     Returns (student rows, teacher rows, :func:`step_rows`-like spans of the source student
     steps), all unnormalised.
@@ -81,5 +81,5 @@ def prepare_tokens(tokens: np.ndarray, max_words: int = MAX_WORDS) -> np.ndarray
 
 
 def prepare_frames(frames: np.ndarray, max_frames: int = MAX_FRAMES) -> np.ndarray:
-    """Student frame features: uniform sampling to at most ``max_frames``, then L2 rows (SPEC 2)."""
+    """Student frame features: uniform sampling to at most ``max_frames``, then L2 rows (method.md §2)."""
     return l2_normalise(uniform_sample(frames, max_frames))

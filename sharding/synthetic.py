@@ -61,7 +61,7 @@ class WorldConfig:
     query_dim: int = 64
     image_size: int = 32
     min_frames: int = 16
-    max_frames: int = 64          # > 128 exercises the SPEC 2 uniform sampling
+    max_frames: int = 64          # > 128 exercises the method.md §2 uniform sampling
     min_captions: int = 2
     max_captions: int = 6
     max_moments: int = 3
@@ -260,7 +260,7 @@ class World:
 
     # -- one sample -----------------------------------------------------------------------------
     def sample(self, split: str, index: int, *, with_frames: bool = True) -> VideoSample:
-        """The preprocessed VideoSample of one video (SPEC 2 steps applied, as real data)."""
+        """The preprocessed VideoSample of one video (method.md §2 steps applied, as real data)."""
         lay = self.layout(split, index)
         base = (self.seed, SPLITS[split], index)
         frames = self.student_frames(lay, _rng(*base, 1))
@@ -424,7 +424,7 @@ def oracle_ranks(world: World, samples: list[VideoSample]) -> np.ndarray:
     """Rank of each caption's own video when scored by max_l cos(concept signal, frame l).
 
     The oracle knows the world's concept vectors (no training, no teacher), so it measures how
-    separable the student features are; ranks are pessimistic on ties (SPEC 1).
+    separable the student features are; ranks are pessimistic on ties (method.md §1).
     """
     L = max(s.frames.shape[0] for s in samples)
     feats = np.zeros((len(samples), L, world.cfg.video_dim), np.float32)

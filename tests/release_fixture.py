@@ -1,4 +1,4 @@
-"""A tiny MS-SL release on disk (SPEC 2 layout), with the raw arrays kept to check conversions.
+"""A tiny MS-SL release on disk (method.md §2 layout), with the raw arrays kept to check conversions.
 
 Used by the converter tests and benchmarks: BigFile (rows stored in shuffled order, so lookups by
 id.txt are exercised), RoBERTa HDF5 per caption (some with a leading dim of 1, some with more than

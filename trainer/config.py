@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The dual-branch student (SPEC 3)."""
+    """The dual-branch student (method.md §3)."""
 
     video_dim: int = 3072
     query_dim: int = 768
@@ -38,13 +38,13 @@ class ModelConfig:
     drop: float = 0.2
     # "dual" (DL-DKD), or one branch alone for the ablations.
     branches: str = "dual"
-    # Test score S = w * S_inh + (1 - w) * S_exp (SPEC 7).
+    # Test score S = w * S_inh + (1 - w) * S_exp (method.md §7).
     inh_weight: float = 0.7
 
 
 @dataclass
 class LossConfig:
-    """Loss terms and their coefficients (SPEC 5)."""
+    """Loss terms and their coefficients (method.md §5)."""
 
     margin: float = 0.1
     hard_pool: int = 20
@@ -81,7 +81,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """BERT-Adam with warm-up and linear decay (SPEC 7); AdamW where an engine needs its own."""
+    """BERT-Adam with warm-up and linear decay (method.md §7); AdamW where an engine needs its own."""
 
     name: str = "bert_adam"
     lr: float = 3e-4
@@ -116,7 +116,7 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    """The frozen open_clip teacher (SPEC 4, DESIGN data flow 3)."""
+    """The frozen open_clip teacher (method.md §4, DESIGN data flow 3)."""
 
     arch: str = "ViT-B-32"
     # open_clip pretrained tag ("openai", "laion2b_s34b_b79k"), "hf-hub:org/name", or a local file.

@@ -48,7 +48,7 @@ def evaluate_checkpoint(folder: str | Path, split: str) -> dict:
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """A fixed-width table, one row per name, the SPEC 1 metrics as columns."""
+    """A fixed-width table, one row per name, the method.md §1 metrics as columns."""
     width = max([len(n) for n in rows] + [8])
     head = f"{'':<{width}} " + " ".join(f"{c:>7}" for c in COLUMNS)
     lines = [head, "-" * len(head)]

@@ -1,4 +1,4 @@
-"""Gallery evaluation of SPEC 1: ranks with pessimistic ties, R@K, SumR, MedR, MeanR, MRR.
+"""Gallery evaluation of method.md §1: ranks with pessimistic ties, R@K, SumR, MedR, MeanR, MRR.
 
 Scores are computed block by block so that memory stays bounded whatever the gallery size: a
 block is (query_chunk, video_chunk * L) frame cosines, and a query's rank needs only its own row
@@ -196,7 +196,7 @@ class EncodedGallery:
 
 
 def branch_weights(student: nn.Module) -> dict[str, float]:
-    """w for inh and 1 - w for exp (w = cfg.inh_weight, SPEC 7); 1 for a lone branch."""
+    """w for inh and 1 - w for exp (w = cfg.inh_weight, method.md §7); 1 for a lone branch."""
     names = tuple(student.branch_names)
     if names == ("inh", "exp"):
         if not hasattr(getattr(student, "cfg", None), "inh_weight"):

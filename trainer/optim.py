@@ -1,4 +1,4 @@
-"""BERT-Adam and the warm-up + linear-decay learning rate of SPEC 7.
+"""BERT-Adam and the warm-up + linear-decay learning rate of method.md §7.
 
 BERT-Adam is Adam without bias correction, with decoupled weight decay and a gradient-norm clip per
 parameter tensor, which is what the reference trains with. DeepSpeed takes it as a client
@@ -67,7 +67,7 @@ class BertAdam(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay every weight except biases and LayerNorm parameters (SPEC 7)."""
+    """Decay every weight except biases and LayerNorm parameters (method.md §7)."""
     decay, no_decay = [], []
     norm_params = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
                    for p in m.parameters(recurse=False)}

@@ -1,4 +1,4 @@
-"""The dual-branch student of SPEC 3: an inheritance and an exploration branch of identical shape.
+"""The dual-branch student of method.md §3: an inheritance and an exploration branch of identical shape.
 
 Each branch encodes queries to one vector (self-attention, then attention pooling) and videos to
 one vector per frame; a query-video score is the best frame. The cosine max S drives the triplet

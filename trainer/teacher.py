@@ -1,4 +1,4 @@
-"""The frozen open_clip teacher (SPEC 4): per-batch similarity targets tau (Q, B, L) and T (Q, B).
+"""The frozen open_clip teacher (method.md §4): per-batch similarity targets tau (Q, B, L) and T (Q, B).
 
 Weights come from an open_clip pretrained tag or ``hf-hub:`` name (downloaded by open_clip into
 its Hugging Face cache; set ``HF_HUB_OFFLINE=1`` on machines without network and a pre-filled
@@ -53,7 +53,7 @@ class TeacherError(ValueError):
     """The teacher cannot be built or fed; the message says what to change."""
 
 
-# -- SPEC 4 math -----------------------------------------------------------------------------------
+# -- method.md §4 math -----------------------------------------------------------------------------------
 def similarity_targets(text: Tensor, frames: Tensor, mask: Tensor,
                        logit_scale: float | None = None) -> TeacherTargets:
     """tau(i, j, l) = cos(t_i, f_jl) (padded frames = PAD_SCORE); T(i, j) = max_l t_i . f_jl raw.
@@ -271,7 +271,7 @@ def teacher_identity(cfg: TeacherConfig, source: WeightSource, preprocess: dict,
 
 # -- the model and its placements ------------------------------------------------------------------
 class RawFeatures(nn.Module):
-    """One forward per tower returning RAW (unnormalised) embeddings: SPEC 4's T needs them, and
+    """One forward per tower returning RAW (unnormalised) embeddings: method.md §4's T needs them, and
     under ZeRO-3 the engine's forward is what gathers the parameters."""
 
     def __init__(self, clip: nn.Module):

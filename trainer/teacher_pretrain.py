@@ -146,7 +146,7 @@ def pretrain(shards: str, out_path: str, *, arch: str = "teacher-tiny",
 @torch.no_grad()
 def zero_shot_eval(teacher: Teacher, samples: Sequence[VideoSample], video_chunk: int = 32,
                    query_chunk: int = 1024) -> dict[str, float]:
-    """SPEC 1 metrics of the teacher alone: score(i, j) = max_l cos(t_i, f_jl).
+    """method.md §1 metrics of the teacher alone: score(i, j) = max_l cos(t_i, f_jl).
 
     Videos are encoded ``video_chunk`` at a time through the teacher's own path (frame
     deduplication, cache); under ``zero3`` call it on every rank with the same samples.

@@ -1,9 +1,14 @@
 """MLflow tracking from rank 0 that never stops training.
 
 One MLflow run per dldkd run name: the run is found again by its ``dldkd.run_key`` tag, so a
-restarted or resumed run appends to its own run. Any failed call (server down, network) spools the
-record to ``mlflow-spool.jsonl`` in the run folder; the spool is replayed, in order, as soon as the
-server answers again and at :meth:`Tracker.finish`, so no metric is lost.
+restarted or resumed run appends to its own run.
+
+Errors are sorted by :func:`is_transient`. A transient failure (server down, timeout, HTTP 5xx,
+408/429) keeps the record, and every later one, in memory and appended to ``mlflow-spool.jsonl`` in
+the run folder; they are replayed, in order, at the next try (every ``retry_every_s``) and at
+:meth:`Tracker.finish`, so no metric is lost. A permanent rejection (other 4xx, a value MLflow
+refuses) would fail the same way forever: that record goes to ``<spool>.dead-letter.jsonl`` with
+the reason, is counted in :attr:`Tracker.dead_letters`, and the records after it are still sent.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,23 @@ log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "dldkd.run_key"
 PARAM_LIMIT = 6000  # MLflow's param value limit
+RETRY_STATUS = (408, 429)  # 4xx statuses that mean "try again later"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying may succeed: no connection, timeouts, HTTP 5xx, 408, 429.
+
+    MLflow raises connection errors and timeouts as ``MlflowException`` with INTERNAL_ERROR (500),
+    a server's error reply as ``RestException`` with its ``error_code``, and values it refuses
+    (INVALID_PARAMETER_VALUE, 400) before or after sending. Anything that is neither an MLflow nor
+    an OS/network error (a TypeError building the record) would fail again on every retry.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        return status >= 500 or status in RETRY_STATUS
+    return isinstance(exc, OSError)  # ConnectionError, TimeoutError, requests' errors
 
 
 def resolve_uri(configured: str, run_dir: Path) -> str:
@@ -42,6 +65,12 @@ class Tracker:
         self.system_metrics = system_metrics
         self.retry_every_s = retry_every_s
         self.run_id: str | None = None
+        self.dead_letter = self.spool.with_name(self.spool.stem + ".dead-letter.jsonl")
+        self.dead_letters = 0  # records MLflow rejected permanently, in this process
+        # Unsent records, oldest first; while any wait, the spool file holds exactly these (a
+        # previous process's leftovers are replayed first).
+        self._queue: deque[dict] = deque(self._read_spool() if enabled else ())
+        self._spooled = bool(self._queue)
         self._last_try = 0.0
         self._client = None
         self._active = False
@@ -97,19 +126,20 @@ class Tracker:
 
     @property
     def pending(self) -> int:
-        return len(self._read_spool())
+        return len(self._queue)
 
     # -- internals --------------------------------------------------------------------------
     def _record(self, rec: dict) -> None:
-        self.spool.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.spool, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self._queue.append(rec)
+        if self._spooled:  # an outage is on: the file keeps the order the queue has
+            with open(self.spool, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         self._flush()
 
     def _flush(self) -> bool:
-        """Send spooled records in order; stop at the first failure. True when the spool is empty."""
-        records = self._read_spool()
-        if not records:
+        """Send queued records in order until the first transient failure; permanent rejections
+        are dead-lettered on the way. True when nothing is left."""
+        if not self._queue:
             return True
         if time.time() - self._last_try < self.retry_every_s and self._last_try:
             return False
@@ -117,17 +147,40 @@ class Tracker:
         sent = 0
         try:
             self._ensure_run()
-            for rec in records:
-                self._send(rec)
+            while self._queue:
+                try:
+                    self._send(self._queue[0])
+                except Exception as exc:  # noqa: BLE001 - sorted below, never fails training
+                    if is_transient(exc):
+                        raise
+                    self._reject(self._queue[0], exc)
+                self._queue.popleft()
                 sent += 1
         except Exception as exc:  # noqa: BLE001 - tracking must never fail training
-            log.warning("MLflow unavailable (%s); spooled %d record(s) to %s",
-                        type(exc).__name__, len(records) - sent, self.spool)
-            self._rewrite_spool(records[sent:])
+            log.warning("MLflow unavailable (%s: %s); %d record(s) spooled to %s",
+                        type(exc).__name__, _short(exc, 200), len(self._queue), self.spool)
+            if sent or not self._spooled:
+                self._rewrite_spool(list(self._queue))
+                self._spooled = True
             return False
         self._last_try = 0.0
-        self._rewrite_spool([])
+        if self._spooled:
+            self.spool.unlink(missing_ok=True)
+            self._spooled = False
         return True
+
+    def _reject(self, rec: dict, exc: Exception) -> None:
+        """Keep a record MLflow will never accept, with the reason, and go on with the next."""
+        self.dead_letters += 1
+        reason = f"{type(exc).__name__}: {_short(exc, 2000)}"
+        entry = {"reason": reason, "error_code": getattr(exc, "error_code", None),
+                 "run_id": self.run_id, "time": int(time.time()), "record": rec}
+        self.dead_letter.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dead_letter, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        log.error("MLflow rejected a %s record for good (%s); kept in %s (%d so far). Fix the "
+                  "key or value, then log it again from that file", rec.get("kind"),
+                  _short(exc, 300), self.dead_letter, self.dead_letters)
 
     def _send(self, rec: dict) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -210,6 +263,7 @@ class Tracker:
         return out
 
     def _rewrite_spool(self, records: list[dict]) -> None:
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.spool.with_name(self.spool.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(self.spool)
@@ -218,6 +272,12 @@ class Tracker:
 def _param(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:PARAM_LIMIT]
+
+
+def _short(exc: BaseException, limit: int) -> str:
+    """MLflow's messages can quote the whole rejected value."""
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _finite(v: Any) -> bool:

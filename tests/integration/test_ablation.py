@@ -11,7 +11,7 @@ from trainer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ABLATION = ROOT / "configs" / "ablation.yaml"
-# What each variant must be (SPEC 5 ablation switches): branches, KD, targets, shuffle.
+# What each variant must be (method.md §5 ablation switches): branches, KD, targets, shuffle.
 EXPECTED = {
     "dldkdpp": ("dual", "dynamic", "soft", False),
     "inheritance_only": ("inheritance", "dynamic", "soft", False),

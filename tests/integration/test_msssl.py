@@ -29,13 +29,13 @@ def _l2(x: np.ndarray) -> np.ndarray:
 
 
 def _spec_frames(raw: np.ndarray) -> np.ndarray:
-    """SPEC 2 as the reference: averaged over MS-SL's chunks to <= 128, then L2 rows."""
+    """method.md §2 as the reference: averaged over MS-SL's chunks to <= 128, then L2 rows."""
     return _l2(_ufs(raw, 128))
 
 
 def _reference_pair(raw: np.ndarray, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """DL-DKD's Dataset4DLDKD: the student to the teacher's length when the teacher is shorter,
-    then both to <= 128 (a longer teacher to the student's length first: SPEC 2 step 4)."""
+    then both to <= 128 (a longer teacher to the student's length first: method.md §2)."""
     if len(raw) > len(clip):
         raw = _ufs(raw, len(clip))
     if len(clip) > len(raw):

@@ -1,4 +1,4 @@
-"""Slow plain-loop losses written straight from the SPEC 5 formulas, one query / video at a time.
+"""Slow plain-loop losses written straight from the method.md §5 formulas, one query / video at a time.
 
 Independent of trainer.losses on purpose: the tests compare the vectorised code with these.
 Scores are autograd tensors so gradients can be compared too; use float64 inputs.

@@ -1,4 +1,4 @@
-"""The vectorised losses against the plain-loop SPEC 5 reference, gradients, totals, bad input."""
+"""The vectorised losses against the plain-loop method.md §5 reference, gradients, totals, bad input."""
 from __future__ import annotations
 
 import pytest

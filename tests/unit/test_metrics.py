@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 1): pessimistic ties, R@K by hand, chunked == unchunked, bad input."""
+"""Evaluation (method.md §1): pessimistic ties, R@K by hand, chunked == unchunked, bad input."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,7 @@ from trainer.student import DualStudent
 
 
 def loop_ranks(scores: torch.Tensor, gt: torch.Tensor) -> list[int]:
-    """SPEC 1 written out: 1 + #{j != gt : S[i, j] >= S[i, gt]}."""
+    """method.md §1 written out: 1 + #{j != gt : S[i, j] >= S[i, gt]}."""
     ranks = []
     for i in range(scores.shape[0]):
         g = int(gt[i])

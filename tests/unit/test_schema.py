@@ -1,4 +1,4 @@
-"""Shard schema v1 and SPEC 2 preprocessing."""
+"""Shard schema v1 and method.md §2 preprocessing."""
 import io
 
 import numpy as np
@@ -62,7 +62,7 @@ def test_equal_boundaries_keep_that_row():
 
 def _loop_pair(student, teacher, m=128):
     """DL-DKD's Dataset4DLDKD as loops (student to the teacher's length when longer, then both
-    to m), and a longer teacher to the student's length (SPEC 2 step 4)."""
+    to m), and a longer teacher to the student's length (method.md §2)."""
     if len(student) > len(teacher):
         student = _loop_uniform(student, len(teacher))
     if len(teacher) > len(student):

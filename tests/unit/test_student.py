@@ -1,4 +1,4 @@
-"""The student of SPEC 3: size, init, masks, scores against plain formulas, ablations, bad input."""
+"""The student of method.md §3: size, init, masks, scores against plain formulas, ablations, bad input."""
 from __future__ import annotations
 
 import math
@@ -79,7 +79,7 @@ def test_fused_attention_equals_plain_attention():
 
 
 def plain_encode(branch, batch):
-    """SPEC 3 over every padded position, no packing, no fused attention."""
+    """method.md §3 over every padded position, no packing, no fused attention."""
     def tower(layer, attn, x, mask):
         h = torch.relu(layer.proj(layer.in_norm(x)))
         h = layer.pos_norm(h + layer.pos(torch.arange(x.shape[1])))

@@ -1,4 +1,4 @@
-"""The online teacher (SPEC 4) on the tiny open_clip config: targets against a direct computation
+"""The online teacher (method.md §4) on the tiny open_clip config: targets against a direct computation
 from encode_text / encode_image, preprocessing against open_clip's own transform, frame
 deduplication, the cache, weights loading and its errors, pretraining and zero-shot evaluation."""
 from __future__ import annotations
@@ -82,7 +82,7 @@ class CountImages:
 
 @pytest.fixture(scope="module")
 def direct(teacher, batch):
-    """Plain loops over SPEC 4 with open_clip's own PIL preprocessing and encoders:
+    """Plain loops over method.md §4 with open_clip's own PIL preprocessing and encoders:
     tau, T (raw dot max) and the cosine max (for the logit-scale variant)."""
     clip, tok = teacher.clip, open_clip.get_tokenizer("teacher-tiny")
     transform = image_transform_v2(PreprocessCfg(**teacher.preprocess), is_train=False)

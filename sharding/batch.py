@@ -16,11 +16,6 @@ import torch
 from sharding.preprocess import chunk_bounds
 
 
-# Decoded shard arrays are read-only views; collate only reads them through torch.from_numpy,
-# so its "not writable" warning (set once here, not per call in the hot path) says nothing.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-
 @dataclass
 class VideoSample:
     """One video as decoded from a shard (arrays already preprocessed per method.md §2)."""
@@ -94,6 +89,14 @@ def align_index(n_teacher: int, n_student: int) -> np.ndarray:
 
 def collate(samples: list[VideoSample], max_words: int = 30) -> Batch:
     """Stack videos into a Batch in method.md §5 order (caption count descending, stable)."""
+    with warnings.catch_warnings():
+        # Decoded shard arrays are read-only views that collate only reads, through
+        # torch.from_numpy, which warns about them; silenced here, not process-wide.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return _collate(samples, max_words)
+
+
+def _collate(samples: list[VideoSample], max_words: int) -> Batch:
     if not samples:
         raise ValueError("cannot collate an empty list of videos")
     order = sorted(range(len(samples)), key=lambda k: -len(samples[k].cap_ids))

@@ -24,6 +24,6 @@ def test_demo_small(tmp_path):
     table = out[out.index("[4/4]"):]
     assert "teacher zero-shot" in table and table.count("trial ") >= 2
     assert "mlflow ui --backend-store-uri sqlite:///" in out
-    # A rerun reuses the world and the teacher and resumes the finished sweep.
+    # The world and the teacher stay where a rerun finds them (its stages 1 and 2 then skip).
     assert (tmp_path / "demo" / "teacher.pt").is_file()
     assert (tmp_path / "demo" / "world" / "train" / "manifest.json").is_file()

@@ -423,4 +423,5 @@ def test_entrypoints_parse_with_the_dldkd_cli() -> None:
     for where, command in entrypoints():
         module, config, overrides = parse_entrypoint(where, command)
         args = build_parser().parse_args([ENTRY_MODULES[module], "--config", config, *overrides])
-        assert args is not None, where
+        assert (args.command, args.config, args.overrides) == (
+            ENTRY_MODULES[module], config, list(overrides)), where

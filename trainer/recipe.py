@@ -558,7 +558,18 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h:d}:{m:02d}:{s:02d}"
 
 
+# Libraries whose INFO lines are routine noise in a run's log (DeepSpeed's op-compatibility
+# compiler probes, MLflow's store set-up and system-metrics chatter); their warnings stay.
+QUIET_LOGGERS = ("compilers", "DeepSpeed", "deepspeed", "mlflow", "torch.distributed")
+
+
 def setup_logging() -> None:
+    """Called by the entry points (CLI, Ray workers), never at import."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow sets its loggers' level from this variable when it is imported (here or in a
+    # worker), overriding the line above; the user's own setting wins.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

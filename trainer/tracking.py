@@ -52,6 +52,14 @@ def resolve_uri(configured: str, run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store live beside its database (MLflow's default is
+    ``./mlruns`` of whatever folder the process started in); a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+    return None
+
+
 class Tracker:
     """Rank-0 MLflow logger with a disk spool; a disabled tracker (other ranks) does nothing."""
 
@@ -216,7 +224,8 @@ class Tracker:
             return
         client = self._ensure_client()
         exp = client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            self.experiment, artifact_location=artifact_location(self.uri))
         found = client.search_runs(
             [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'", max_results=1)
         if found:

@@ -170,7 +170,8 @@ def test_two_workers_on_object_storage_survive_a_killed_worker(world, s3_world, 
             time.sleep(0.3)
 
     # Started here, after the S3 variables are set: a local cluster's workers inherit them.
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    # address="local": a cluster of its own even when `ray start` runs one on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     try:
         thread = threading.Thread(target=killer, daemon=True)
         thread.start()

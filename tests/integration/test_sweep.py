@@ -341,7 +341,7 @@ def test_asha_stops_a_trial_on_an_evaluation_without_a_checkpoint(world: Path,
                       .replace("TRAIN", str(world / "train")).replace("VAL", str(world / "val")))
     cfg, spec = sweep.load_sweep(config, [])
     assert cfg.train.ckpt_every == 2 * cfg.train.eval_every
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         result = sweep.run_sweep(cfg, spec)
     finally:

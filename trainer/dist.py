@@ -43,15 +43,17 @@ def init(use_gpu: bool, timeout_s: int = 1800, device: torch.device | None = Non
         torch.cuda.set_device(device)
     if not use_gpu:
         _skip_shm_comm_build()
-    if not torch_dist.is_initialized():
-        if world == 1:  # alone: a group of one on loopback, as DeepSpeed's engine needs a group
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        import deepspeed
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if use_gpu else "gloo"
+    if not torch_dist.is_initialized() and world == 1:
+        # Alone: a group of one on a free loopback port, as DeepSpeed's engine needs a group. The
+        # port goes in init_method, not MASTER_PORT, so child processes do not inherit it.
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                      rank=0, world_size=1, timeout=timeout)
+    import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo",
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # reuses an existing group
     return DistInfo(rank, world, local_rank, node_rank, device)
 
 

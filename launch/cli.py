@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--max-shard-bytes", type=int, default=None,
                     help="cut a shard when it reaches this size instead")
     ms.add_argument("--feature", default=None, help="visual feature folder name override")
+    ms.add_argument("--overwrite", action="store_true", help="rewrite the whole split when "
+                    "--out holds shards made from other release files or settings (refused "
+                    "otherwise, so a split never mixes two datasets)")
     fr = shard_sub.add_parser("frames", help="add teacher frames decoded from raw videos to a "
                               "written split", description="Decode each video of a split (PyAV; "
                               ".mp4/.mkv/.webm/.avi named <video id>.<ext>) and write the split "
@@ -70,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--image-size", type=int, default=32, help="teacher frame size, pixels")
     syn.add_argument("--video-dim", type=int, default=128, help="student frame feature dim")
     syn.add_argument("--query-dim", type=int, default=64, help="caption token feature dim")
+    syn.add_argument("--overwrite", action="store_true", help="rewrite every split when "
+                     "--out holds a world of another seed or settings (refused otherwise, so a "
+                     "split never mixes two worlds)")
 
     val = sub.add_parser("validate", help="check a config before a cluster is touched",
                          description="Config types and ranges, batch arithmetic, shards vs "
@@ -80,13 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip checks that need the data and storage (config-only)")
 
     train = sub.add_parser("train", help="one run: N DeepSpeed workers under Ray Train",
-                           description="Runs `python -m launch.train`; a relaunch with the same "
-                           "run.name resumes.")
+                           description="A Ray Train job of dist.num_workers DeepSpeed workers "
+                           "(`python -m launch.train` is the same command); a relaunch with the "
+                           "same run.name resumes.")
     _add_config(train)
     train.add_argument("--address", default=None, help="Ray address (default: local)")
     train.add_argument("--no-ray", action="store_true",
                        help="run in this process without Ray: one worker on this machine "
-                       "(torchrun -m trainer.run runs several)")
+                       "(`torchrun --nproc-per-node N -m launch.cli train --no-ray ...` "
+                       "runs N)")
 
     sweep = sub.add_parser("sweep", help="a Ray Tune sweep of runs, one MLflow parent run",
                            description="Search space and scheduler in the YAML's `sweep:` section.")

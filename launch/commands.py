@@ -12,7 +12,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
         manifest = convert(args.root, args.collection, args.split, args.out,
                            visual_feature=args.feature, videos_per_shard=args.videos_per_shard,
-                           max_shard_bytes=args.max_shard_bytes)
+                           max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
         print(f"wrote {len(manifest.shards)} shards to {Path(args.out) / args.split}")
         return 0
     if args.source == "frames":
@@ -24,7 +24,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
                         max_frames=args.max_frames)
     out = build_world(args.out, videos=args.videos, eval_videos=args.eval_videos, seed=args.seed,
                       pretrain_pairs=args.pretrain_pairs, cfg=world,
-                      videos_per_shard=args.videos_per_shard)
+                      videos_per_shard=args.videos_per_shard, overwrite=args.overwrite)
     for split in out:
         print(f"{split}: {Path(args.out) / split}")
     return 0

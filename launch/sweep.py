@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -732,32 +733,22 @@ def _params_text(values: dict) -> str:
 # ------------------------------------------------------------------------------ entry points
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="sweep YAML (configs/sweep-*.yaml)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="logical CPUs of the local Ray cluster (default: the machine's)")
-    parser.add_argument("overrides", nargs="*",
-                        help="key.sub=value config overrides; sweep.key=value for the sweep")
-
-
 def run(args: argparse.Namespace) -> SweepResult:
     from launch.train import init_ray
     from trainer.recipe import setup_logging
 
     setup_logging()
     cfg, spec = load_sweep(args.config, args.overrides)
-    init_ray(args.address, getattr(args, "num_cpus", None))
+    init_ray(args.address, args.num_cpus)
     return run_sweep(cfg, spec)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    run(parser.parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launch.sweep ...`` (what ``ray job submit`` runs) is ``dldkd sweep ...``."""
+    from launch.cli import main as cli
+
+    return cli(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import sys
 from pathlib import Path
 
 from trainer import storage
@@ -119,18 +120,11 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    run(parser.parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launch.train ...`` (what ``ray job submit`` runs) is ``dldkd train ...``."""
+    from launch.cli import main as cli
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML preset (configs/*.yaml)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return cli(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run(args: argparse.Namespace):
@@ -144,4 +138,4 @@ def run(args: argparse.Namespace):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -94,23 +95,27 @@ def teacher_param_count(cfg: Config) -> int | None:
         return 0
     from trainer.teacher import HF_HUB, TeacherError, resolve_weights
 
-    import open_clip
-
     try:
         source = resolve_weights(cfg.teacher, download=False)
     except TeacherError:
         return None
     if source.model_name.startswith(HF_HUB):
         return None
+    return sum(p.numel() for p in _meta_clip(source.model_name).parameters())
+
+
+def _meta_clip(name: str):
+    """The open_clip model ``name`` as the teacher builds it, on the meta device (no memory)."""
+    import open_clip
+
     root = logging.getLogger()   # open_clip warns "No pretrained weights loaded" on the root
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        model = open_clip.create_model(source.model_name, pretrained=None, load_weights=False,
-                                       device="meta")
+        return open_clip.create_model(name, pretrained=None, load_weights=False, device="meta",
+                                      nonscalar_logit_scale=True)
     finally:
         root.setLevel(level)
-    return sum(p.numel() for p in model.parameters())
 
 
 def activation_elements(cfg: Config, queries_per_video: float = DEFAULT_QUERIES_PER_VIDEO
@@ -397,6 +402,72 @@ def check_split(cfg: Config, split: str) -> tuple[Check, Manifest | None]:
                  f"dims {manifest.dims}"), manifest
 
 
+def check_shard_files(split: str, manifest: Manifest) -> Check:
+    """Every shard the manifest lists is there with its recorded size; a local one also has its
+    sha256 and only schema members (tar headers, no pickles): data the reader would skip as
+    damaged, or refuse, fails here before a cluster is touched."""
+    key = f"data.{split} shards"
+    problems = []
+    for info, url in zip(manifest.shards, manifest.urls()):
+        problem = _shard_problem(info, url)
+        if problem:
+            problems.append(f"{info.name} {problem}")
+    where = manifest.base or "the manifest's folder"
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        return Check(key, FAIL, f"{len(problems)} of {len(manifest.shards)} shards in {where} are "
+                     f"damaged: {'; '.join(problems[:5])}{more}. Rerun the `dldkd shard` command "
+                     "that wrote them (it rewrites missing or damaged shards), or restore them")
+    local = all(_local_shard(u) is not None for u in manifest.urls())
+    return Check(key, OK, f"{len(manifest.shards)} shards in {where}: present, sizes "
+                 + ("and sha256 as in the manifest, schema members only" if local else
+                    "as in the manifest (sha256 and members are checked for local shards only)"))
+
+
+def _local_shard(url: str) -> Path | None:
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    return None if "://" in url else Path(url)
+
+
+def _shard_problem(info, url: str) -> str | None:
+    """Why the shard at ``url`` is not the one the manifest describes, or None."""
+    from sharding.epochs import index_shard
+    from sharding.schema import ShardError, check_member_names
+    from sharding.writer import sha256_file
+
+    path = _local_shard(url)
+    if path is None:   # remote: a hash would download the whole split
+        import fsspec
+
+        try:
+            size = fsspec.core.url_to_fs(url)[0].info(url)["size"]
+        except FileNotFoundError:
+            return "is listed in the manifest but missing"
+        except Exception as err:  # noqa: BLE001  (credentials, network alike)
+            return f"cannot be read ({type(err).__name__}: {err})"
+        return None if size == info.bytes else \
+            f"has {size} bytes, the manifest {info.bytes} (truncated or replaced)"
+    if not path.is_file():
+        return "is listed in the manifest but missing"
+    size = path.stat().st_size
+    if size != info.bytes:
+        return f"has {size} bytes, the manifest {info.bytes} (truncated or replaced)"
+    if sha256_file(path) != info.sha256:
+        return "has another sha256 than the manifest (corrupt or replaced)"
+    try:
+        refs = index_shard(url, str(path))
+        for ref in refs:
+            check_member_names([name for name, _, _ in ref.members], url)
+    except ShardError as err:    # UnsafeMemberError included: a pickle is never read
+        return f"is refused by the reader: {err}"
+    except (tarfile.TarError, OSError) as err:
+        return f"is not a readable tar file ({err})"
+    if len(refs) != info.videos:
+        return f"holds {len(refs)} samples, the manifest {info.videos}"
+    return None
+
+
 def check_teacher_inputs(cfg: Config, train: Manifest) -> Check:
     """The train shards carry what the teacher placement reads: frames for the online teacher,
     pre-extracted CLIP embeddings for ``precomputed``; if not, FAIL with the command that adds
@@ -474,7 +545,16 @@ def check_teacher_weights(cfg: Config, offline: bool) -> Check:
         size = Path(t.pretrained).stat().st_size
         if not size:
             return Check("teacher", FAIL, f"teacher.pretrained={t.pretrained!r} is empty")
-        return Check("teacher", OK, f"local checkpoint {t.pretrained} ({_size(size)})")
+        try:   # opened as the run opens it: weights only, keys and shapes against teacher.arch
+            from trainer.teacher import fit_state_dict, read_state_dict
+
+            shapes = {k: v.shape for k, v in _meta_clip(source.model_name).state_dict().items()}
+            fit_state_dict(read_state_dict(t.pretrained), shapes,
+                           f"teacher.pretrained={t.pretrained!r}")
+        except TeacherError as err:
+            return Check("teacher", FAIL, str(err))
+        return Check("teacher", OK, f"local checkpoint {t.pretrained} ({_size(size)}) fits "
+                     f"{t.arch}")
     tag = open_clip.get_pretrained_cfg(t.arch, t.pretrained)
     return _weights_check(f"{t.arch} tag {t.pretrained!r}", _tag_cached(tag), tag.get("hf_hub"),
                           tag.get("url"), offline)
@@ -654,6 +734,8 @@ def validate_run(config_path: str | None, overrides: list[str] | dict | None = N
         for split in SPLITS:
             check, manifests[split] = check_split(cfg, split)
             checks.append(check)
+            if manifests[split] is not None:
+                checks.append(check_shard_files(split, manifests[split]))
         checks.append(check_val_split(cfg))
     train = manifests.get("train")
     if train is not None:

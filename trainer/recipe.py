@@ -1,7 +1,7 @@
 """One worker's training run: setup, train, save, cleanup (the loop reads top to bottom).
 
 The same recipe runs under Ray Train (``launch.train``), under ``torchrun``/``deepspeed``
-(``python -m trainer.run``) and alone. Where it differs (where checkpoints go, how they are
+(``dldkd train --no-ray``) and alone. Where it differs (where checkpoints go, how they are
 reported) is the ``Reporter`` it is given; the recipe itself never imports Ray.
 """
 from __future__ import annotations
@@ -391,6 +391,7 @@ class Recipe:
                         "perf/teacher_pct": rates["teacher_pct"],
                         "perf/data_ms": rates["data_ms"], "perf/teacher_ms": rates["teacher_ms"],
                         "perf/student_ms": rates["student_ms"], "epoch": st.epoch})
+        metrics.update(self._data_health())
         self.tracker.log_metrics(metrics, st.step)
         if self.dist.is_main:
             parts = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
@@ -399,6 +400,20 @@ class Recipe:
                      self.engine.get_lr()[0], rates["samples_s"], rates["data_pct"],
                      rates["teacher_pct"], _fmt_eta(remaining))
         timer.reset()
+
+    def _data_health(self) -> dict[str, float]:
+        """Damaged data skipped so far and the teacher cache's hit rate, summed over ranks, so
+        that loss below data.max_bad_fraction shows in MLflow. A collective: every rank calls it."""
+        counts = self.reader.counts() if hasattr(self.reader, "counts") else [0, 0, 0]
+        cache = getattr(self.teacher, "cache", None)
+        hits, misses = (cache.stats.hits, cache.stats.misses) if cache is not None else (0, 0)
+        samples, bad, bad_shards, hits, misses = dist.all_reduce_sum(
+            torch.tensor([*counts, hits, misses], dtype=torch.float64)).tolist()
+        out = {"data/bad_samples": bad, "data/bad_shards": bad_shards,
+               "data/bad_fraction": bad / max(samples + bad, 1)}
+        if cache is not None:
+            out["teacher/cache_hit_rate"] = hits / max(hits + misses, 1)
+        return out
 
 
 class Stopped(Exception):

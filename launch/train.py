@@ -117,7 +117,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        # With its dashboard: Ray Train's placement-group cleaner asks the state API (served by
+        # the dashboard) whether the run is alive, and warns every few seconds without it.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 configure_logging=False)
 
 
 def main(argv: list[str] | None = None) -> int:

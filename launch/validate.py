@@ -352,6 +352,12 @@ def check_loader_cpus(cfg: Config) -> Check:
         return Check("cpus", WARN, f"data.loader_workers={lw} + the training process exceed "
                      f"dist.cpus_per_worker={cpus}: loading will compete with training; raise "
                      f"dist.cpus_per_worker to {lw + 1} or lower data.loader_workers")
+    if not cfg.dist.use_gpu and cpus * cfg.dist.num_workers < (os.cpu_count() or 1):
+        return Check("cpus", WARN, f"CPU training with dist.cpus_per_worker={cpus}: under Ray "
+                     f"each worker computes on {cpus} thread(s) (Ray sets OMP_NUM_THREADS from "
+                     f"it) while this machine has {os.cpu_count()} cores; set "
+                     f"dist.cpus_per_worker={max((os.cpu_count() or 1) // cfg.dist.num_workers, 1)}"
+                     " to use them (dldkd train --no-ray uses every core)")
     return Check("cpus", OK, f"{cpus} CPUs per worker for {lw} loader workers + training")
 
 

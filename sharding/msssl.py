@@ -245,11 +245,12 @@ class _Source:
 
 def convert(root, collection: str, split: str, out, *, visual_feature: str | None = None,
             videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD, max_shard_bytes: int | None = None,
-            clip: bool | None = None, progress: bool = True) -> Manifest:
+            clip: bool | None = None, progress: bool = True, overwrite: bool = False) -> Manifest:
     """Write ``out/<split>/`` shards + manifest.json from ``<root>/<collection>/`` (method.md §2).
 
     ``visual_feature`` overrides the BigFile folder name; ``clip`` None uses the DL-DKD CLIP HDF5
-    files when both exist, True requires them, False ignores them.
+    files when both exist, True requires them, False ignores them. A folder written from other
+    release files or settings is refused unless ``overwrite`` (see ``write_split``).
     """
     paths = release_paths(root, collection, split, visual_feature)
     src = _Source(paths, clip)
@@ -279,8 +280,16 @@ def convert(root, collection: str, split: str, out, *, visual_feature: str | Non
             "dropped_captions": {"count": len(src.dropped), "ids": src.dropped},
             CAPTIONS_DIGEST: sha256_file(paths.captions),
         }
+        # The feature files by size (hashing them would read a whole release once more).
+        files = [paths.features / "feature.bin", paths.roberta]
+        if src.use_clip:
+            files += [paths.clip_video, paths.clip_text]
+        generator = {"source": "msssl", "collection": collection, "clip": src.use_clip,
+                     "visual_feature": paths.features.name, "captions": notes[CAPTIONS_DIGEST],
+                     "bytes": {f.name: f.stat().st_size for f in files}}
         return write_split(Path(out) / split, split, list(src.captions), src.load,
                            videos_per_shard=videos_per_shard, max_shard_bytes=max_shard_bytes,
-                           dims=dims, notes=notes, progress=progress)
+                           dims=dims, notes=notes, progress=progress, generator=generator,
+                           overwrite=overwrite)
     finally:
         src.close()

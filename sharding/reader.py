@@ -15,15 +15,20 @@ Three modes:
 - exact (evaluation): shards are split round-robin by rank, then by worker; every sample is read
   exactly once across all ranks and workers, the last batch of a worker may be short.
 
-A damaged sample or shard is skipped and counted; the counts travel in ``batch.extras["read"]``
-and add up in ``ShardReader.stats``. More than ``max_bad_fraction`` bad raises ``BadDataError``.
+A damaged sample or shard (an error in :data:`DAMAGE`) is skipped, logged and counted; the counts
+travel in ``batch.extras["read"]`` and add up in ``ShardReader.stats`` (the recipe logs them to
+MLflow). More than ``max_bad_fraction`` bad raises ``BadDataError``. Any other exception (a
+TypeError or KeyError in this code) is a bug, not damage, and is raised at once; so is a pickled
+member (``UnsafeMemberError``), which is a hazard, not damage.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import tarfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
@@ -40,6 +45,11 @@ from sharding.schema import SCHEMA_VERSION, ShardError, UnsafeMemberError, decod
 from sharding.writer import Manifest, ManifestError, load_manifest
 
 _RECENT_ERRORS = 5
+log = logging.getLogger(__name__)
+
+# What damaged data raises while a shard is read and a sample decoded: I/O and tar errors, cut
+# streams, bad compression, and ValueError (ShardError, numpy's and json's decode errors).
+DAMAGE = (OSError, EOFError, tarfile.TarError, zlib.error, ValueError)
 
 
 class BadDataError(RuntimeError):
@@ -57,6 +67,7 @@ class ReadStats:
     errors: list[str] = field(default_factory=list)   # the most recent messages
 
     def note(self, message: str) -> None:
+        log.warning("skipped damaged data: %s", message)
         self.errors = (self.errors + [message])[-_RECENT_ERRORS:]
 
     @property
@@ -160,7 +171,7 @@ def _raw_samples(urls: Iterable[str], stats: ReadStats, expected: dict[str, int]
                 yield sample
             if n < expected.get(url, 0):
                 raise ShardError(f"ends after {n} of the manifest's {expected[url]} samples")
-        except Exception as e:   # noqa: BLE001 (any I/O or tar error: skip the rest of the shard)
+        except DAMAGE as e:   # skip the rest of the shard
             stats.bad_shards += 1
             stats.bad_samples += max(expected.get(url, n + 1) - n, 1)
             stats.note(f"shard {url}: {type(e).__name__}: {e} (after {n} samples)")
@@ -263,7 +274,7 @@ def _true_epoch(p: _Plan, physical: int, n_workers: int) -> Iterator:
                 ref = p.index[i]
                 try:
                     members = files.read(ref)
-                except Exception as e:  # noqa: BLE001 (I/O of one sample: count it, go on)
+                except DAMAGE as e:  # I/O of one sample: count it, go on
                     stats.bad_samples += 1
                     stats.note(f"shard {ref.url}: sample {ref.key!r}: {type(e).__name__}: {e}")
                     continue
@@ -290,13 +301,15 @@ class _WorkerDone:
 def _decode_counted(members: dict, stats: ReadStats, teacher_frames: bool = True
                     ) -> VideoSample | None:
     """Decode one sample; a damaged one is counted and skipped, a pickled one is fatal."""
+    url = members.get("__url__", "?")
     try:
-        return decode_sample(members, members.get("__url__", "?"), teacher_frames=teacher_frames)
+        return decode_sample(members, url, teacher_frames=teacher_frames)
     except UnsafeMemberError:
         raise
-    except ShardError as e:
+    except DAMAGE as e:
         stats.bad_samples += 1
-        stats.note(str(e))
+        stats.note(str(e) if isinstance(e, ShardError) else
+                   f"shard {url}: sample {members.get('__key__', '?')!r}: {type(e).__name__}: {e}")
         return None
 
 
@@ -355,8 +368,8 @@ class ShardReader:
                           true_epochs=true_epochs, index=index)
         self.loader_workers = loader_workers
         self.max_bad_fraction = max_bad_fraction
-        self.stats = ReadStats()          # all finished and current epochs
-        self.epoch_stats = ReadStats()    # the current epoch
+        self.stats = ReadStats()          # all finished epochs
+        self.epoch_stats = ReadStats()    # the current epoch, while one runs
 
     def _index(self, max_bad_fraction: float) -> list[SampleRef]:
         """Every sample of the split by offset; a shard that cannot be indexed (or ends early)
@@ -369,7 +382,7 @@ class ShardReader:
             s.shards += 1
             try:
                 refs = index_shard(url, _local_path(url))
-            except Exception as e:  # noqa: BLE001 (any I/O or tar error: the shard is lost)
+            except DAMAGE as e:  # the shard is lost
                 refs = []
                 s.bad_shards += 1
                 s.note(f"shard {url}: {type(e).__name__}: {e}")
@@ -388,6 +401,13 @@ class ShardReader:
     def steps_per_epoch(self) -> int:
         return self.plan.steps
 
+    def counts(self) -> list[int]:
+        """[samples, damaged samples, damaged shards] read by this process so far, the current
+        epoch included (samples lost to indexing count once per epoch: every epoch lacks them)."""
+        done, now = self.stats, self.epoch_stats
+        return [done.samples + now.samples, done.bad_samples + now.bad_samples,
+                done.bad_shards + now.bad_shards]
+
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[Batch]:
         """The batches of epoch ``epoch`` from step ``start_step`` on (resampled, true epochs)."""
         if start_step and not (self.plan.resampled or self.plan.true_epochs):
@@ -405,15 +425,18 @@ class ShardReader:
         per_worker: dict[int, dict] = {-1: asdict(self.index_stats)} if self.plan.true_epochs \
             else {}
         self.epoch_stats = ReadStats()
-        for item in loader:
-            if isinstance(item, _WorkerDone):
-                per_worker[item.read["worker"]] = item.read
-                continue
-            per_worker[item.extras["read"]["worker"]] = item.extras["read"]
-            self._update(per_worker, final=False)
-            yield item
-        self._update(per_worker, final=True)
-        self.stats.add(self.epoch_stats)
+        try:
+            for item in loader:
+                if isinstance(item, _WorkerDone):
+                    per_worker[item.read["worker"]] = item.read
+                    continue
+                per_worker[item.extras["read"]["worker"]] = item.extras["read"]
+                self._update(per_worker, final=False)
+                yield item
+            self._update(per_worker, final=True)
+        finally:  # also when the caller closes the epoch after its last step
+            self.stats.add(self.epoch_stats)
+            self.epoch_stats = ReadStats()
 
     def _update(self, per_worker: dict[int, dict], final: bool) -> None:
         s = ReadStats()

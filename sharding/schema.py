@@ -182,6 +182,11 @@ def decode_sample(members: dict, source: str, *, teacher_frames: bool = True) ->
     tokens = _load_npy(members[TOKENS], TOKENS, source, key)
     offsets = _load_npy(members[OFFSETS], OFFSETS, source, key)
     cap_ids, captions = meta.get("cap_ids", []), meta.get("captions", [])
+    if not (isinstance(cap_ids, list) and isinstance(captions, list)
+            and isinstance(meta.get("moments"), (list, type(None)))
+            and isinstance(meta.get("n_frames_orig", 0), int)):
+        raise ShardError(f"shard {source}: sample {key!r} member {META!r} has a field of the "
+                         "wrong type (cap_ids, captions, moments: lists; n_frames_orig: int)")
     n_caps = len(cap_ids)
     bad = None
     if frames.ndim != 2 or frames.shape[0] == 0 or frames.dtype.kind != "f":

@@ -393,9 +393,10 @@ def write_pretrain(out_dir, world: World, pairs: int, pairs_per_shard: int = 100
 def build_world(out, videos: int = 600, eval_videos: int | None = None, seed: int = 0,
                 pretrain_pairs: int = 3000, cfg: WorldConfig = WorldConfig(), *,
                 videos_per_shard: int = 100, max_shard_bytes: int | None = None,
-                progress: bool = True) -> dict[str, Manifest | dict]:
+                progress: bool = True, overwrite: bool = False) -> dict[str, Manifest | dict]:
     """Write ``out/{train,val,test,pretrain}``: ``videos`` train videos, ``eval_videos`` (default
-    videos // 4) each for val and test, and ``pretrain_pairs`` image-text pairs."""
+    videos // 4) each for val and test, and ``pretrain_pairs`` image-text pairs. A folder holding
+    a world of another seed or config is refused unless ``overwrite`` (see ``write_split``)."""
     if videos < 1 or pretrain_pairs < 0:
         raise ValueError(f"need videos >= 1 and pretrain_pairs >= 0, got {videos} and "
                          f"{pretrain_pairs}")
@@ -413,7 +414,8 @@ def build_world(out, videos: int = 600, eval_videos: int | None = None, seed: in
             out / split, split, [str(i) for i in range(n)],
             lambda i, split=split: world.sample(split, int(i)),
             videos_per_shard=videos_per_shard, max_shard_bytes=max_shard_bytes, dims=dims,
-            notes=notes, progress=progress)
+            notes=notes, progress=progress, overwrite=overwrite,
+            generator={"world": "synthetic", "seed": seed, "config": asdict(cfg)})
     if pretrain_pairs:
         result["pretrain"] = write_pretrain(out / "pretrain", world, pretrain_pairs)
     return result

@@ -4,7 +4,10 @@ The caller streams video ids and a ``load(id) -> VideoSample`` that does the pre
 video that cannot be built raises ``SkipVideo(reason)`` and is counted, never fatal. A progress
 record (``.progress-<split>.json``) lists finished shards with their checksum and the digest of
 the ids they consumed, so a rerun skips them without calling ``load`` and rewrites from the first
-shard that is missing, truncated, corrupt or was cut from different ids.
+shard that is missing, truncated, corrupt or was cut from different ids. The ``generator`` (what
+``load`` depends on besides the id: its config and seed) is recorded in the progress record and
+the manifest; a folder written by another generator is refused (``overwrite=True`` rewrites the
+whole split), so one split never mixes shards of two datasets.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ class Manifest:
     notes: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     totals: dict = field(default_factory=dict)
+    generator: dict = field(default_factory=dict)   # the config and seed that made the shards
     base: str = ""   # where the manifest was read from (not written)
 
     def __post_init__(self):
@@ -138,11 +142,14 @@ def _check_dims(s: VideoSample, dims: dict) -> None:
 
 def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str], VideoSample], *,
                 videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD, max_shard_bytes: int | None = None,
-                dims: dict, notes: dict | None = None, progress: bool = True) -> Manifest:
+                dims: dict, notes: dict | None = None, progress: bool = True,
+                generator: dict | None = None, overwrite: bool = False) -> Manifest:
     """Stream ``items`` through ``load`` into ``<split>-NNNNNN.tar`` shards and a manifest.
 
     A shard closes at ``videos_per_shard`` videos or once it holds ``max_shard_bytes`` (whichever
     comes first). One directory holds one split: its ``manifest.json`` describes that split.
+    ``generator`` (JSON-able: config, seed) must match the one recorded in ``out_dir`` for its
+    shards to be reused; otherwise ``ManifestError``, or with ``overwrite`` a rewrite of the split.
     """
     if videos_per_shard < 1:
         raise ValueError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
@@ -160,10 +167,13 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
             raise ValueError(f"{manifest_path} describes split {old.get('split')!r}, not {split!r}:"
                              f" write each split to its own directory (e.g. {out / split})")
     progress_path = out / f".progress-{split}.json"
+    generator = json.loads(json.dumps(generator or {}))   # tuples as lists, as read back
+    _check_generator(out, split, generator, overwrite)
     done: list[dict] = []
     if progress_path.exists():
         record = json.loads(progress_path.read_text())
-        if record.get("schema_version") == SCHEMA_VERSION and record.get("dims") == dims:
+        if (record.get("schema_version") == SCHEMA_VERSION and record.get("dims") == dims
+                and record.get("generator", {}) == generator):
             done = record["shards"]
 
     bar = _progress_bar(items, split, progress)
@@ -188,7 +198,8 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
 
     def save_progress():
         _atomic_write(progress_path, json.dumps(
-            {"schema_version": SCHEMA_VERSION, "dims": dims, "shards": kept}).encode())
+            {"schema_version": SCHEMA_VERSION, "dims": dims, "generator": generator,
+             "shards": kept}).encode())
 
     save_progress()
     buf = _ShardBuffer()
@@ -228,13 +239,43 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
     bar.close()
     _remove_stale(out, split, {s.name for s in shards})
     manifest = Manifest(split=split, shards=shards, dims=dict(dims), notes=dict(notes or {}),
-                        skipped={"count": len(skipped), "ids": skipped})
+                        skipped={"count": len(skipped), "ids": skipped}, generator=generator)
     if not shards:
         raise ValueError(f"split {split!r}: no video could be written ({len(skipped)} skipped, "
                          f"e.g. {next(iter(skipped.items()), None)})")
     _atomic_write(manifest_path, manifest.to_json().encode())
     manifest.base = str(out)
     return manifest
+
+
+def _check_generator(out: Path, split: str, generator: dict, overwrite: bool) -> None:
+    """Refuse to add to (or resume) shards that another generator wrote, naming what differs."""
+    recorded = None
+    for path in (out / f".progress-{split}.json", out / MANIFEST):
+        if path.exists():
+            try:
+                recorded = json.loads(path.read_text()).get("generator", {})
+            except (ValueError, AttributeError):
+                continue   # unreadable: nothing to reuse from it
+            break
+    if recorded is None or recorded == generator or overwrite:
+        return
+    diffs = [f"{k}: {a!r} on disk, {b!r} now" for k, (a, b) in _differences(recorded, generator)]
+    raise ManifestError(
+        f"{out} already holds split {split!r} made with other settings ({'; '.join(diffs)}); "
+        "reusing its shards would mix two datasets. Write to a new folder (--out), or rewrite "
+        "this one with --overwrite (overwrite=True)")
+
+
+def _differences(old, new, prefix: str = "") -> list[tuple[str, tuple]]:
+    """Dotted keys whose values differ between two nested dicts (``<none>`` where absent)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [(prefix or "generator", (old, new))]
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out += _differences(old.get(key, "<none>"), new.get(key, "<none>"), name)
+    return out
 
 
 def _take(it: Iterator[str], n: int) -> list[str]:
@@ -295,7 +336,7 @@ def load_manifest(path_or_url: str | os.PathLike) -> Manifest:
     try:
         m = Manifest(split=d["split"], shards=[ShardInfo(**s) for s in d["shards"]],
                      dims=d["dims"], skipped=d.get("skipped", {"count": 0, "ids": {}}),
-                     notes=d.get("notes", {}))
+                     notes=d.get("notes", {}), generator=d.get("generator", {}))
     except (KeyError, TypeError) as e:
         raise ManifestError(f"shard manifest {loc} is incomplete ({e!r})") from e
     m.base = loc.rsplit("/", 1)[0] if "/" in loc else "."

@@ -20,6 +20,7 @@ import difflib
 import hashlib
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,9 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        named = re.search(r"Unsupported global: GLOBAL [\w.]+", str(err))
+        why = named.group(0) if named else "not a weights-only torch file" if isinstance(
+            err, pickle.UnpicklingError) else (str(err).strip().splitlines() or [""])[0][:200]
         raise TeacherError(f"cannot read teacher checkpoint {path} ({why}); it must be a state "
                            f"dict saved with torch.save (weights only) or a .safetensors file"
                            ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.server
 import importlib
 import json
+import os
 import shutil
 import socket
 import sys
@@ -35,18 +36,32 @@ def world(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> Path:
+    """Random weights of configs/teacher-tiny.json saved as the run reads them (validate opens
+    the file)."""
+    import trainer.compat  # noqa: F401  (must precede open_clip)
+
+    import open_clip
+
+    open_clip.add_model_config(ROOT / "configs" / "teacher-tiny.json")
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(open_clip.create_model("teacher-tiny", pretrained=None).state_dict(), path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _no_env_tracking(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 @pytest.fixture
-def good(world, tmp_path) -> list[str]:
+def good(world, tmp_path, teacher_file) -> list[str]:
     """Overrides of configs/tiny.yaml that pass every online check on the synthetic world."""
     model_config = tmp_path / "val-tiny.json"
     shutil.copy(ROOT / "configs" / "teacher-tiny.json", model_config)
     teacher = tmp_path / "teacher.pt"
-    teacher.write_bytes(b"weights")   # presence is checked, not content (too slow for 600 MB)
+    shutil.copy(teacher_file, teacher)
     return [f"data.train={world / 'train'}", f"data.val={world / 'val'}",
             f"data.test={world / 'test'}", "teacher.arch=val-tiny",
             f"teacher.model_config={model_config}", f"teacher.pretrained={teacher}",
@@ -55,7 +70,7 @@ def good(world, tmp_path) -> list[str]:
             "data.batch_videos=16", "data.loader_workers=0", "data.resampled=true",
             "data.steps_per_epoch=0", "loss.hard_pool=5", "train.epochs=3",
             "train.eval_every=0", "train.ckpt_every=0", "dist.num_workers=1",
-            "dist.cpus_per_worker=1", "dist.grad_accum=1", "dist.use_gpu=false",
+            f"dist.cpus_per_worker={os.cpu_count()}", "dist.grad_accum=1", "dist.use_gpu=false",
             "teacher.placement=replicated", "tracking.uri=''"]
 
 
@@ -69,8 +84,8 @@ def test_a_good_config_passes_every_check(good):
     report, checks = run(good)
     assert report.ok, report.render()
     assert not [c for c in report.checks if c.status != OK], report.render()
-    for name in ("data.train", "data.val", "data.test", "readers", "steps", "teacher", "storage",
-                 "tracking"):
+    for name in ("data.train", "data.val", "data.test", "data.train shards", "data.val shards",
+                 "readers", "steps", "teacher", "storage", "tracking"):
         assert name in checks
 
 
@@ -99,6 +114,15 @@ def test_a_broken_yaml_file_is_a_failed_check(tmp_path):
     bad.write_text("model: {hidden: [1, 2\n")
     report, checks = run([], config=bad)
     assert not report.ok and "bad.yaml: YAML syntax error at line 2" in checks["config"].message
+
+
+def test_cpu_workers_below_the_cores_are_a_warning(good, monkeypatch):
+    """Ray gives a worker OMP_NUM_THREADS = its CPUs: 1 of 8 cores makes an epoch ~8x slower."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    _, checks = run(good + ["dist.cpus_per_worker=1", "dist.num_workers=2"])
+    assert checks["cpus"].status == WARN and "dist.cpus_per_worker=4" in checks["cpus"].message
+    _, checks = run(good + ["dist.cpus_per_worker=4", "dist.num_workers=2"])
+    assert checks["cpus"].status == OK
 
 
 def test_batch_of_one_video_fails(good):
@@ -195,6 +219,69 @@ def test_missing_shards_and_empty_train_fail(good, tmp_path):
     assert checks["data.val"].status == FAIL and "manifest" in checks["data.val"].message
     _, checks = run(good + ["data.train=''"])
     assert checks["data.train"].status == FAIL
+
+
+def _pickled_member(shard: Path) -> None:
+    """Add a pickle member to the shard's first sample and make the manifest agree (checksum and
+    size): only reading the members can find it."""
+    import io
+    import tarfile
+
+    from sharding.writer import sha256_file
+
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar if info.isreg()]
+    key = members[0][0].name.split(".", 1)[0]
+    extra = tarfile.TarInfo(f"{key}.extra.pyd")
+    members.insert(1, (extra, b"\x80\x04N."))
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, body in members:
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    manifest = json.loads((shard.parent / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["name"] == shard.name)
+    entry.update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
+    (shard.parent / "manifest.json").write_text(json.dumps(manifest))
+
+
+SHARD_DAMAGE = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:3000]), "truncated"),
+    "random bytes": (lambda p: p.write_bytes(bytes(torch.randint(0, 256, (p.stat().st_size,),
+                                                                 dtype=torch.uint8).tolist())),
+                     "sha256"),
+    "listed but deleted": (lambda p: p.unlink(), "missing"),
+    "pickled member": (_pickled_member, "extra.pyd"),
+}
+
+
+@pytest.mark.parametrize("case", SHARD_DAMAGE)
+def test_damaged_shards_fail_validation(case, good, world, tmp_path):
+    """What training would skip as damaged, or refuse, fails validation first."""
+    damage, words = SHARD_DAMAGE[case]
+    copy = tmp_path / "world-copy"
+    shutil.copytree(world / "val", copy / "val")
+    shard = sorted((copy / "val").glob("*.tar"))[1]
+    damage(shard)
+    report, checks = run(good + [f"data.val={copy / 'val'}"])
+    check = checks["data.val shards"]
+    assert not report.ok and check.status == FAIL, report.render()
+    assert shard.name in check.message and words in check.message
+    assert "dldkd shard" in check.message
+    assert checks["data.train shards"].status == OK
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\x80garbage" * 1000, "cannot read teacher checkpoint"),   # random bytes
+    ("other arch", "does not fit the architecture")])
+def test_unreadable_or_foreign_teacher_file_fails(good, tmp_path, content, words):
+    path = tmp_path / "bad-teacher.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save({"visual.proj": torch.zeros(3, 3)}, path)
+    report, checks = run(good + [f"teacher.pretrained={path}"])
+    assert not report.ok and checks["teacher"].status == FAIL
+    assert words in checks["teacher"].message and str(path) in checks["teacher"].message
 
 
 def test_precomputed_teacher_needs_embeddings_in_the_shards(good):

@@ -107,7 +107,7 @@ class DataConfig:
     # Every training video once per epoch, in a fresh order across shards, the same number of
     # steps on every rank (sharding/epochs.py); steps_per_epoch > 0 then cuts epochs short.
     # False: `resampled` decides (streaming, for data too large to index).
-    true_epochs: bool = False
+    true_epochs: bool = True
     shuffle_buffer: int = 256
     max_bad_fraction: float = 0.01
     # Videos encoded and scored per chunk in evaluation (memory: chunk x frames x features).

@@ -169,10 +169,12 @@ def publish(tmp_dir: Path, final_dir: Path, keep: int = 2) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_client_json(folder: Path, state: TrainState, schedule: dict, config: dict) -> None:
-    """The position, schedule values and flat config of a checkpoint, readable before loading
-    it (a relaunch compares its config with this one first)."""
-    payload = {"state": state.to_dict(), "schedule": schedule, "config": config}
+def write_client_json(folder: Path, state: TrainState, schedule: dict, config: dict,
+                      world_size: int) -> None:
+    """The position, schedule values, flat config and worker count of a checkpoint, readable
+    before loading it (a relaunch checks its config and worker count against these first)."""
+    payload = {"state": state.to_dict(), "schedule": schedule, "config": config,
+               "world_size": world_size}
     tmp = folder / "client.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(folder / "client.json")

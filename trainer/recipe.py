@@ -163,7 +163,14 @@ class Recipe:
         found = self.reporter.restore_dir()
         if found is None:
             return
-        saved = ckpt.read_client_json(found).get("config")
+        client_json = ckpt.read_client_json(found)
+        written_by = client_json.get("world_size", self.dist.world_size)
+        if written_by != self.dist.world_size:
+            raise ckpt.CheckpointError(
+                f"checkpoint {found} was written by {written_by} workers, this run has "
+                f"{self.dist.world_size}: resuming on another worker count is not supported; "
+                f"relaunch with dist.num_workers={written_by}")
+        saved = client_json.get("config")
         if saved is not None:
             self.resumed_changes, refused = resume_changes(saved, self.cfg.flat())
             if refused:
@@ -173,11 +180,6 @@ class Recipe:
                     f"another config ({diff}). Resuming may change only {', '.join(RESUMABLE)}; "
                     "give this config a new run.name, or undo the change to resume")
         _, client = self.engine.load_checkpoint(str(found), ckpt.ENGINE_TAG)
-        if client.get("world_size") != self.dist.world_size:
-            raise RuntimeError(
-                f"checkpoint {found} was written by {client.get('world_size')} workers, this run "
-                f"has {self.dist.world_size}: resuming on a different worker count is not "
-                "supported; relaunch with dist.num_workers equal to the original")
         self.state = ckpt.TrainState.from_dict(client["train_state"])
         ckpt.set_rng_state(ckpt.load_rank_rng(found, self.dist.rank), self.generator)
         log.info("resumed from %s at step %d (epoch %d)", found, self.state.step, self.state.epoch)
@@ -311,12 +313,14 @@ class Recipe:
         st = self.state
         staged = self.reporter.staging_dir(st.step)
         staged.mkdir(parents=True, exist_ok=True)
-        client = {"train_state": st.to_dict(), "world_size": self.dist.world_size,
-                  "schedule": self.weights().as_dict()}
-        self.engine.save_checkpoint(str(staged), ckpt.ENGINE_TAG, client_state=client)
+        # The engine keeps the position (read back on resume); client.json records it too, with
+        # what a relaunch checks before loading (config, worker count) and the schedule values.
+        self.engine.save_checkpoint(str(staged), ckpt.ENGINE_TAG,
+                                    client_state={"train_state": st.to_dict()})
         ckpt.save_rank_rng(staged, self.dist.rank, ckpt.rng_state(self.generator))
         if self.dist.is_main:
-            ckpt.write_client_json(staged, st, client["schedule"], self.cfg.flat())
+            ckpt.write_client_json(staged, st, self.weights().as_dict(), self.cfg.flat(),
+                                   self.dist.world_size)
         self.reporter.report(metrics, staged, st.step)
 
     def _save_best(self, metrics: dict) -> None:

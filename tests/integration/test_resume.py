@@ -62,7 +62,24 @@ def test_resume_equals_uninterrupted(world, tmp_path, variant):
         assert first[step] == full[step]
 
 
-def test_resume_refuses_other_worker_count(world, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_worker_count(world, tmp_path):
+    import json
+
+    from trainer.checkpoint import CheckpointError
+
+    over = tiny_overrides(world, tmp_path, **{"train.epochs": 1}) + [
+        "loss.kd=off", "loss.targets=hard", "run.name=ws"]
+    _run(load_config("configs/tiny.yaml", over))
+    client = latest(tmp_path / "ws" / "checkpoints") / "client.json"
+    payload = json.loads(client.read_text())
+    assert payload["world_size"] == 1
+    client.write_text(json.dumps({**payload, "world_size": 2}))   # as 2 workers would write it
+    with pytest.raises(CheckpointError, match="written by 2 workers, this run has 1.*"
+                                              "dist.num_workers=2"):
+        Recipe(load_config("configs/tiny.yaml", over)).setup()
+
+
+def test_resume_refuses_a_checkpoint_missing_this_ranks_state(world, tmp_path):
     over = tiny_overrides(world, tmp_path, **{"train.epochs": 1}) + [
         "loss.kd=off", "loss.targets=hard", "run.name=w"]
     _run(load_config("configs/tiny.yaml", over))

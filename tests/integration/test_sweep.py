@@ -311,7 +311,8 @@ def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> Non
 ASHA_YAML = """
     model: {video_dim: 128, query_dim: 64, hidden: 128, heads: 4, input_drop: 0.1, drop: 0.1}
     loss: {hard_pool: 5, kd: "off", targets: hard, hard_negative_start_epoch: 100}
-    data: {train: TRAIN, val: VAL, batch_videos: 16, steps_per_epoch: 16, loader_workers: 0}
+    data: {train: TRAIN, val: VAL, batch_videos: 16, steps_per_epoch: 16, loader_workers: 0,
+           true_epochs: false}
     train: {epochs: 1, log_every: 4, eval_every: 4, ckpt_every: 8, early_stop: 0}
     dist: {num_workers: 1, zero_stage: 0}
     tracking: {system_metrics: false}

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from sharding.files import write_atomic
+
 
 def cmd_shard(args: argparse.Namespace) -> int:
     if args.source == "msssl":
@@ -85,11 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(args.checkpoint, args.split)
     print(format_table({"checkpoint": report["metrics"]}))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(out)
+        out = write_atomic(args.out, json.dumps(report, indent=1))
         print(f"report: {out}")
     return 0
 

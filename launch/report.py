@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 from launch.claims import ClaimResult, evaluate_claim
 from launch.sweep import CLAIMS_PARAM, IDENTITY_KEYS, VARIANT_PARAM, VARIANT_TAG
+from sharding.files import atomic_path, write_atomic
 from sharding.splits import VAL_IS_TEST_TAG
 
 SCORES = ("R1", "R5", "R10", "R100", "SumR")
@@ -273,10 +274,8 @@ def teacher_sumr_of(records: list[RunRecord], variant: str) -> float | None:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
@@ -542,9 +541,7 @@ def write_report(sweep: str | None = None, experiment: str | None = None,
         claims = claim_results(records, json.loads(parent.data.params[CLAIMS_PARAM]))
         plots["kd_gain"] = plot_kd_gain(claims, records, folder / "kd_gain.png")
     path = folder / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(title, header, records, plots, note, claims))
-    tmp.replace(path)
+    write_atomic(path, render(title, header, records, plots, note, claims))
     if parent is not None:
         for p in (path, *(p for p in plots.values() if p)):
             client.log_artifact(parent.info.run_id, str(p), "report")

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sharding.files import atomic_path, write_atomic
 from trainer.config import Config, ConfigError, apply_overrides, from_dict, load_config, load_yaml
 from trainer.config import parse_overrides
 
@@ -471,9 +472,7 @@ def teacher_quality(cfg: Config, cache: Path) -> dict[str, float]:
     metrics = zero_shot_eval_split(cfg, cfg.data.val)
     cache.mkdir(parents=True, exist_ok=True)
     # Concurrent trials may score the same teacher: each writes its own temporary file.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"teacher": identity, "metrics": metrics}, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps({"teacher": identity, "metrics": metrics}, indent=1))
     return metrics
 
 
@@ -547,12 +546,9 @@ def plot_curves(histories: dict[str, list[dict]], metric: str, path: Path) -> Pa
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
 
 
 def _finite(v: Any) -> bool:
@@ -564,10 +560,7 @@ def _short(v: Any) -> str:
 
 
 def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, text)
 
 
 # ------------------------------------------------------------------------------ the sweep

@@ -27,10 +27,11 @@ from typing import Iterator
 
 import numpy as np
 
+from sharding.files import write_atomic
 from sharding.preprocess import step_rows
 from sharding.schema import FRAMES, JPEG_QUALITY, META, STEPS
 from sharding.video import PROBLEMS, FrameJob, extract, find_video, index_videos
-from sharding.writer import (MANIFEST, Manifest, ShardInfo, _add_member, _atomic_write,
+from sharding.writer import (MANIFEST, Manifest, ShardInfo, _add_member,
                              _remove_stale, load_manifest, sha256_file)
 
 PROGRESS = ".progress-frames.json"
@@ -85,7 +86,7 @@ def add_frames(shards, videos, out, *, size: int = DEFAULT_SIZE, quality: int = 
             todo.append(shard)
 
     def save():
-        _atomic_write(out_dir / PROGRESS, json.dumps({"options": digest, "shards": done}).encode())
+        write_atomic(out_dir / PROGRESS, json.dumps({"options": digest, "shards": done}).encode())
 
     save()
     jobs = _jobs(src_dir, todo, index, size, quality, seconds_per_step)
@@ -258,6 +259,6 @@ def _finish(src: Manifest, out_dir: Path, done: dict, options: dict) -> Manifest
     manifest = Manifest(split=src.split, shards=shards, dims={**src.dims, "image_size":
                                                                  options["size"]},
                         skipped={"count": len(skipped), "ids": skipped}, notes=notes)
-    _atomic_write(out_dir / MANIFEST, manifest.to_json().encode())
+    write_atomic(out_dir / MANIFEST, manifest.to_json().encode())
     manifest.base = str(out_dir)
     return manifest

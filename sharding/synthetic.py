@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sharding.batch import VideoSample
+from sharding.files import atomic_path, write_atomic
 from sharding.preprocess import prepare_frames, prepare_tokens
 from sharding.writer import Manifest, write_split
 
@@ -363,18 +364,16 @@ def write_pretrain(out_dir, world: World, pairs: int, pairs_per_shard: int = 100
     shards = []
     for s, first in enumerate(range(0, pairs, pairs_per_shard)):
         path = out / f"pretrain-{s:06d}.tar"
-        tmp = path.with_name(path.name + ".tmp")
         n = min(pairs_per_shard, pairs - first)
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for i in range(first, first + n):
-                    img, text = pretrain_pair(world, i)
-                    for name, data in ((f"pt{i:07d}.jpg", _jpeg(img)),
-                                       (f"pt{i:07d}.txt", text.encode())):
-                        info = tarfile.TarInfo(name)
-                        info.size, info.mtime, info.mode = len(data), 0, 0o444
-                        tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f, \
+                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(first, first + n):
+                img, text = pretrain_pair(world, i)
+                for name, data in ((f"pt{i:07d}.jpg", _jpeg(img)),
+                                   (f"pt{i:07d}.txt", text.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o444
+                    tar.addfile(info, io.BytesIO(data))
         shards.append({"name": path.name, "pairs": n, "bytes": path.stat().st_size,
                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     for p in out.glob("pretrain-*.tar"):
@@ -383,9 +382,7 @@ def write_pretrain(out_dir, world: World, pairs: int, pairs_per_shard: int = 100
     manifest = {"kind": "image-text", "split": "pretrain", "format": "webdataset: {key}.jpg + "
                 "{key}.txt (UTF-8 caption)", "pairs": pairs, "image_size": world.cfg.image_size,
                 "seed": world.seed, "shards": shards}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, out / "manifest.json")
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from sharding.batch import VideoSample
+from sharding.files import atomic_path, write_atomic
 from sharding.schema import SCHEMA_VERSION, encode_sample
 
 MANIFEST = "manifest.json"
@@ -80,15 +81,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
@@ -114,16 +106,12 @@ class _ShardBuffer:
         self.bytes += sum(len(v) + 512 for k, v in encoded.items() if not k.startswith("__"))
 
     def write(self, path: Path) -> ShardInfo:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for s in self.samples:
-                    key = s["__key__"]
-                    for name in sorted(k for k in s if not k.startswith("__")):
-                        _add_member(tar, f"{key}.{name}", s[name])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f, \
+                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for s in self.samples:
+                key = s["__key__"]
+                for name in sorted(k for k in s if not k.startswith("__")):
+                    _add_member(tar, f"{key}.{name}", s[name])
         return ShardInfo(path.name, sha256_file(path), len(self.samples), self.captions,
                          path.stat().st_size)
 
@@ -197,7 +185,7 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
         bar.update(len(ids))
 
     def save_progress():
-        _atomic_write(progress_path, json.dumps(
+        write_atomic(progress_path, json.dumps(
             {"schema_version": SCHEMA_VERSION, "dims": dims, "generator": generator,
              "shards": kept}).encode())
 
@@ -243,7 +231,7 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
     if not shards:
         raise ValueError(f"split {split!r}: no video could be written ({len(skipped)} skipped, "
                          f"e.g. {next(iter(skipped.items()), None)})")
-    _atomic_write(manifest_path, manifest.to_json().encode())
+    write_atomic(manifest_path, manifest.to_json().encode())
     manifest.base = str(out)
     return manifest
 

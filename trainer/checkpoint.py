@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sharding.files import atomic_path, write_atomic
+
 ENGINE_TAG = "state"
 
 
@@ -111,9 +113,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 def save_rank_rng(folder: Path, rank: int, state: dict) -> None:
     """Each rank's RNG streams (DeepSpeed keeps only rank 0's client state)."""
-    tmp = folder / f"rng-rank{rank}.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(folder / f"rng-rank{rank}.pt")
+    with atomic_path(folder / f"rng-rank{rank}.pt") as tmp:
+        torch.save(state, tmp)
 
 
 def load_rank_rng(folder: Path, rank: int) -> dict:
@@ -160,9 +161,7 @@ def publish(tmp_dir: Path, final_dir: Path, keep: int = 2) -> None:
         final_dir.rename(aside)
     tmp_dir.rename(final_dir)
     shutil.rmtree(aside, ignore_errors=True)
-    pointer_tmp = final_dir.parent / "latest.tmp"
-    pointer_tmp.write_text(final_dir.name)
-    pointer_tmp.replace(final_dir.parent / "latest")
+    write_atomic(final_dir.parent / "latest", final_dir.name)
     done = sorted(p for p in final_dir.parent.glob("step-*")
                   if not p.name.endswith((".tmp", ".old")))
     for old in done[:-keep]:
@@ -175,9 +174,7 @@ def write_client_json(folder: Path, state: TrainState, schedule: dict, config: d
     before loading it (a relaunch checks its config and worker count against these first)."""
     payload = {"state": state.to_dict(), "schedule": schedule, "config": config,
                "world_size": world_size}
-    tmp = folder / "client.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(folder / "client.json")
+    write_atomic(folder / "client.json", json.dumps(payload, indent=1))
 
 
 def read_client_json(folder: Path) -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from sharding.files import write_atomic
 from trainer.storage import is_remote
 
 
@@ -518,8 +519,5 @@ def parse_overrides(overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config atomically (sharding.files)."""
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharding.files import atomic_path
 from trainer.checkpoint import load_weights_only, weights_only_resume
 from trainer.config import Config
 from trainer.optim import build_optimizer, build_scheduler
@@ -95,9 +96,8 @@ class PlainEngine:
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(), "micro_steps": self.micro_steps,
                  "client_state": client_state}
-        tmp = path / "state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(path / "state.pt")
+        with atomic_path(path / "state.pt") as tmp:
+            torch.save(state, tmp)
 
     def load_checkpoint(self, load_dir: str | Path, tag: str):
         path = Path(load_dir) / tag / "state.pt"

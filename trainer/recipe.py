@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
+from sharding.files import atomic_path
 from sharding.splits import VAL_IS_TEST_TAG, val_is_test
 from trainer import checkpoint as ckpt
 from trainer import best, dist, storage
@@ -527,7 +528,8 @@ def _plot_history(history: list[dict], path: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="validation SumR", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

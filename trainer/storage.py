@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from sharding.files import write_atomic
+
 # Standard, non-secret variables that point S3 clients (s3fs, boto3, pyarrow, MLflow) at a store.
 # Keys stay with each node (Secret, instance role): runtime envs are visible in Ray's dashboard.
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
@@ -73,14 +75,7 @@ def write_bytes(location: str, data: bytes) -> None:
         fs.pipe_file(path, data)
         fs.invalidate_cache(path)
         return
-    path = Path(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(location, data)
 
 
 def read_bytes(location: str) -> bytes:

@@ -10,7 +10,6 @@ otherwise.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from sharding.files import atomic_path
 
 
 @dataclass
@@ -138,10 +139,8 @@ class FrameEmbeddingCache:
         path = self._path(video)
         if path is None:
             return
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, index=entry.index, emb=entry.emb)
-        os.replace(tmp, path)
         self.stats.spilled += 1
 
     def _path(self, video: str) -> Path | None:

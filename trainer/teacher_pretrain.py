@@ -14,7 +14,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 
 from sharding.batch import VideoSample, collate
+from sharding.files import atomic_path
 from trainer.config import Config, TeacherConfig
 from trainer.metrics import encoded_from_embeddings, rank_counts, rank_metrics
 from trainer.teacher import Teacher, TeacherError, build_teacher, preprocess_frames
@@ -80,12 +80,9 @@ def image_text_pairs(urls: list[str], seed: int, shuffle: int = 1000
 
 
 def save_state_dict(model: torch.nn.Module, path: str | Path) -> str:
-    """Write atomically (temporary name, then rename): a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    """Write atomically (sharding.files): a crash never leaves half a checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     return str(path)
 
 

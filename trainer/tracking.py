@@ -20,6 +20,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from sharding.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "dldkd.run_key"
@@ -272,10 +274,7 @@ class Tracker:
         return out
 
     def _rewrite_spool(self, records: list[dict]) -> None:
-        self.spool.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.spool.with_name(self.spool.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(self.spool)
+        write_atomic(self.spool, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _param(value: Any) -> str:

@@ -90,3 +90,32 @@ def test_empty_batch_and_dim_mismatch_are_clear(tmp_path):
     recipe = _recipe(tmp_path, ["model.video_dim=25", "train.epochs=1"], train, val)
     with pytest.raises(ValueError, match="model.video_dim=25"):
         recipe.train()
+
+
+def test_a_non_finite_loss_stops_at_the_next_logged_step_before_anything_is_saved(
+        tmp_path, monkeypatch):
+    """The loss is checked on the device and read only where the loop reads values anyway
+    (log, evaluation, checkpoint): NaN at step 3 stops the run at the step-4 checkpoint,
+    naming step 3, before that checkpoint is written."""
+    import trainer.recipe as recipe_module
+    from trainer.checkpoint import latest
+
+    train, val = planted_world(160, 0), planted_world(20, 1)
+    recipe = _recipe(tmp_path, ["train.epochs=2", "train.eval_every=10",
+                                "train.ckpt_every=2"], train, val)
+    real, calls = recipe_module.total_loss, []
+
+    def poisoned(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            loss = loss * float("nan")
+            terms = {**terms, "loss": loss.detach()}
+        return loss, terms
+
+    monkeypatch.setattr(recipe_module, "total_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite at step 3 \(noticed at step 4"):
+        recipe.train()
+    recipe.cleanup("FAILED")
+    # step 4 is a checkpoint step (ckpt_every=2): the check runs before the save
+    assert latest(tmp_path / "mem" / "checkpoints").name == "step-00000002"

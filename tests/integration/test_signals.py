@@ -25,8 +25,7 @@ def _launch(world, storage: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--config",
                              "configs/tiny.yaml", "--no-ray", *over], cwd=ROOT,
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1"}.items()
-                                 if k not in ("MASTER_ADDR", "MASTER_PORT")})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])

@@ -191,3 +191,21 @@ def test_bad_input_errors():
         model(batch)
     with pytest.raises(ValueError, match="model.branches"):
         DualStudent(ModelConfig(**TINY, branches="both"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_collate_refuses_non_finite_features_naming_the_video(bad):
+    from sharding.batch import VideoSample, collate
+
+    rng = np.random.default_rng(0)
+    samples = [VideoSample(f"v{j}", rng.standard_normal((3, 4)).astype(np.float32),
+                           [rng.standard_normal((2, 5)).astype(np.float32)], [f"v{j}#0"], [""])
+               for j in range(3)]
+    collate(samples)   # finite: fine
+    samples[1].frames[2, 1] = bad
+    with pytest.raises(ValueError, match=r"non-finite frame features in videos \['v1'\]"):
+        collate(samples)
+    samples[1].frames[2, 1] = 0.0
+    samples[2].tokens[0][1, 3] = bad
+    with pytest.raises(ValueError, match=r"non-finite caption token features in videos \['v2'\]"):
+        collate(samples)

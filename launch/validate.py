@@ -330,6 +330,20 @@ def check_split_size(cfg: Config, train: Manifest) -> Check:
     return Check("split size", OK, f"{videos} train videos, {videos // n} per rank, batches of {b}")
 
 
+def check_data_mode(cfg: Config, train: Manifest) -> Check:
+    """Resident (decoded once, batched from memory) or streamed, and why (data.resident)."""
+    from sharding.reader import resident_plan
+
+    try:
+        resident, why = resident_plan(
+            train, mode=cfg.data.resident, max_mb=cfg.data.resident_max_mb,
+            true_epochs=cfg.data.true_epochs,
+            teacher_frames=cfg.uses_teacher() and cfg.teacher.placement != "precomputed")
+    except ValueError as e:
+        return Check("data mode", FAIL, str(e))
+    return Check("data mode", OK, f"train split {why}")
+
+
 def check_readers(cfg: Config, train: Manifest) -> Check:
     """Exact reading splits shards over ranks x loader workers: each needs at least one."""
     n, lw = cfg.dist.num_workers, max(cfg.data.loader_workers, 1)
@@ -745,8 +759,8 @@ def validate_run(config_path: str | None, overrides: list[str] | dict | None = N
         checks.append(check_val_split(cfg))
     train = manifests.get("train")
     if train is not None:
-        checks += [check_split_size(cfg, train), check_readers(cfg, train),
-                   check_teacher_inputs(cfg, train)]
+        checks += [check_split_size(cfg, train), check_data_mode(cfg, train),
+                   check_readers(cfg, train), check_teacher_inputs(cfg, train)]
     checks += [check_steps(cfg, train), check_intervals(cfg, train), check_loader_cpus(cfg),
                check_teacher_weights(cfg, offline), check_gpu(cfg)]
     if not offline:

@@ -15,6 +15,11 @@ Three modes:
 - exact (evaluation): shards are split round-robin by rank, then by worker; every sample is read
   exactly once across all ranks and workers, the last batch of a worker may be short.
 
+Resident (``resident=True``, true epochs only): the split is decoded once into this process's
+memory and every epoch's batches are formed by indexing it, with exactly the batches that true
+epochs read from disk (same permutation, same composition, same resume). For splits that fit in
+memory it removes the per-epoch reading and decoding (:func:`resident_plan` decides).
+
 A damaged sample or shard (an error in :data:`DAMAGE`) is skipped, logged and counted; the counts
 travel in ``batch.extras["read"]`` and add up in ``ShardReader.stats`` (the recipe logs them to
 MLflow). More than ``max_bad_fraction`` bad raises ``BadDataError``. Any other exception (a
@@ -208,6 +213,7 @@ class _Plan:
     start_step: int = 0
     true_epochs: bool = False
     index: list[SampleRef] = field(default_factory=list)   # true epochs: every sample
+    videos: list | None = None   # resident: index's samples decoded (None: damaged, counted)
 
 
 def _seed(*parts: int) -> int:
@@ -271,6 +277,10 @@ def _true_epoch(p: _Plan, physical: int, n_workers: int) -> Iterator:
         for k in range(p.start_step + physical, len(batches), n_workers):
             videos = []
             for i in batches[k]:
+                if p.videos is not None:   # resident: decoded once, damage counted then
+                    if p.videos[i] is not None:
+                        videos.append(p.videos[i])
+                    continue
                 ref = p.index[i]
                 try:
                     members = files.read(ref)
@@ -317,6 +327,39 @@ def _identity(x):
     return x
 
 
+# Decoded size over tar size: features are stored as they are used; JPEG frames grow ~5-15x.
+_DECODED_OVER_TAR = {False: 1.2, True: 12.0}
+
+
+def resident_plan(manifest: Manifest | None, *, mode: str, max_mb: float, true_epochs: bool,
+                  teacher_frames: bool) -> tuple[bool, str]:
+    """Whether a training split is held in memory (``data.resident``), and why, in words.
+
+    ``auto`` holds it when true epochs are on and the manifest's size, scaled to decoded bytes,
+    is under ``max_mb`` (``data.resident_max_mb``); ``on`` insists, ``off`` always streams.
+    """
+    if mode == "off":
+        return False, "data.resident=off: streamed from the shards every epoch"
+    if not true_epochs:
+        if mode == "on":
+            raise ValueError("data.resident=on needs data.true_epochs=true (a resident split is "
+                             "indexed by true epochs); set data.true_epochs=true or "
+                             "data.resident=auto")
+        return False, "streamed: data.true_epochs=false (resident mode needs true epochs)"
+    if manifest is None:
+        if mode == "on":
+            return True, "data.resident=on (no manifest to size the split)"
+        return False, "streamed: the split has no manifest to size it (data.resident=on forces)"
+    mb = manifest.totals["bytes"] * _DECODED_OVER_TAR[teacher_frames] / 2**20
+    if mode == "on":
+        return True, f"data.resident=on: about {mb:,.0f} MB decoded in each worker's memory"
+    if mb <= max_mb:
+        return True, (f"resident: about {mb:,.0f} MB decoded per worker, within "
+                      f"data.resident_max_mb={max_mb:,.0f}")
+    return False, (f"streamed: about {mb:,.0f} MB decoded per worker exceeds "
+                   f"data.resident_max_mb={max_mb:,.0f}")
+
+
 class ShardReader:
     """Batches for one rank, epoch by epoch, through a DataLoader with ``loader_workers``."""
 
@@ -325,10 +368,11 @@ class ShardReader:
                  seed: int = 0, shuffle_buffer: int = 256, max_bad_fraction: float = 0.01,
                  max_words: int = 30, video_dim: int | None = None, query_dim: int | None = None,
                  teacher_dim: int | None = None, teacher_frames: bool = True,
-                 true_epochs: bool = False):
+                 true_epochs: bool = False, resident: bool = False):
         """``teacher_frames=False`` skips decoding the JPEG frames (no online image tower).
         ``true_epochs``: every video once per epoch (``sharding.epochs``); ``steps_per_epoch``
-        > 0 then cuts each epoch short, and ``resampled`` is not used."""
+        > 0 then cuts each epoch short, and ``resampled`` is not used. ``resident``: decode the
+        split once and batch from memory (true epochs only; ``loader_workers`` is not used)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_videos < 1 or loader_workers < 0:
@@ -340,6 +384,8 @@ class ShardReader:
         workers = max(loader_workers, 1)
         index: list[SampleRef] = []
         self.index_stats = ReadStats()    # samples lost before the first epoch (true epochs)
+        if resident and not true_epochs:
+            raise ValueError("a resident split needs true_epochs=True")
         if true_epochs:
             index = self._index(max_bad_fraction)
             full = steps_for(len(index), world_size, batch_videos)
@@ -366,7 +412,9 @@ class ShardReader:
         self.plan = _Plan(self.urls, expected, rank, world_size, batch_videos, resampled,
                           steps_per_epoch, seed, shuffle_buffer, max_words, teacher_frames,
                           true_epochs=true_epochs, index=index)
-        self.loader_workers = loader_workers
+        if resident:
+            self.plan.videos = self._decode_all(teacher_frames, max_bad_fraction)
+        self.loader_workers = 0 if resident else loader_workers
         self.max_bad_fraction = max_bad_fraction
         self.stats = ReadStats()          # all finished epochs
         self.epoch_stats = ReadStats()    # the current epoch, while one runs
@@ -396,6 +444,26 @@ class ShardReader:
             raise BadDataError(f"{s.bad_samples} samples of {self.urls[0]}.. could not be indexed "
                                f"(data.max_bad_fraction={max_bad_fraction}): {s.errors}")
         return index
+
+    def _decode_all(self, teacher_frames: bool, max_bad_fraction: float) -> list:
+        """The resident split: every indexed sample decoded once; a damaged one is None and
+        counts with the samples lost to indexing (against every epoch, as when streaming)."""
+        s, files, videos = self.index_stats, SampleFiles(_local_path), []
+        try:
+            for ref in self.plan.index:
+                try:
+                    videos.append(_decode_counted(files.read(ref), s, teacher_frames))
+                except DAMAGE as e:
+                    s.bad_samples += 1
+                    s.note(f"shard {ref.url}: sample {ref.key!r}: {type(e).__name__}: {e}")
+                    videos.append(None)
+        finally:
+            files.close()
+        kept = sum(v is not None for v in videos)
+        if not kept or s.bad_samples / (s.bad_samples + kept) > max_bad_fraction:
+            raise BadDataError(f"{s.bad_samples} samples of {self.urls[0]}.. could not be decoded "
+                               f"(data.max_bad_fraction={max_bad_fraction}): {s.errors}")
+        return videos
 
     @property
     def steps_per_epoch(self) -> int:

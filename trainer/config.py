@@ -113,6 +113,10 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     # Videos encoded and scored per chunk in evaluation (memory: chunk x frames x features).
     eval_batch_videos: int = 256
+    # Hold the decoded training split in memory and batch by indexing (true epochs only):
+    # "auto" when it fits in resident_max_mb per worker, "on", or "off" (stream every epoch).
+    resident: str = "auto"
+    resident_max_mb: float = 4096.0
 
 
 @dataclass
@@ -227,6 +231,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.precision": ("fp32", "bf16"),
     "dist.placement_strategy": ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
     "run.resume": ("auto", "never", "must"),
+    "data.resident": ("auto", "on", "off"),
 }
 
 # (key, low, high, inclusive-low): numeric ranges checked by `validate`.
@@ -268,6 +273,7 @@ RANGES: list[tuple[str, float, float, bool]] = [
     ("data.shuffle_buffer", 0, float("inf"), True),
     ("data.max_bad_fraction", 0, 1, True),
     ("data.eval_batch_videos", 1, float("inf"), True),
+    ("data.resident_max_mb", 0, float("inf"), True),
     ("teacher.cache_mem_mb", 0, float("inf"), True),
     ("teacher.image_batch", 1, float("inf"), True),
     ("train.epochs", 1, float("inf"), True),
@@ -325,7 +331,8 @@ def validate(cfg: Config) -> None:
 # I/O and fault-tolerance settings. Any other change needs a new run.name (docs/training.md).
 RESUMABLE = ("train.epochs", "train.early_stop", "train.eval_every", "train.ckpt_every",
              "train.log_every", "train.max_eval_queries", "train.stop_grace_s", "train.debug",
-             "data.train", "data.val", "data.test", "data.loader_workers",
+             "data.train", "data.val", "data.test", "data.loader_workers", "data.resident",
+             "data.resident_max_mb",
              "data.max_bad_fraction", "teacher.cache", "teacher.cache_mem_mb", "teacher.cache_dir",
              "teacher.image_batch", "dist.max_failures", "dist.timeout_s", "dist.cpus_per_worker",
              "dist.placement_strategy", "tracking.", "run.")

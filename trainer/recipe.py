@@ -102,17 +102,24 @@ class Recipe:
             self.reporter = LocalReporter(self.dir / "checkpoints", self.dist.is_main,
                                           cfg.run.resume)
 
-        from sharding.reader import ShardReader
+        from sharding.reader import ShardReader, resident_plan, resolve_source
 
-        self.reader = self.reader or ShardReader(
-            cfg.data.train, rank=self.dist.rank, world_size=self.dist.world_size,
-            batch_videos=cfg.data.batch_videos, loader_workers=cfg.data.loader_workers,
-            resampled=cfg.data.resampled, steps_per_epoch=cfg.data.steps_per_epoch,
-            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            max_bad_fraction=cfg.data.max_bad_fraction, max_words=cfg.model.max_words,
-            video_dim=cfg.model.video_dim, query_dim=cfg.model.query_dim,
-            teacher_frames=cfg.uses_teacher() and cfg.teacher.placement != "precomputed",
-            true_epochs=cfg.data.true_epochs)
+        if self.reader is None:
+            teacher_frames = cfg.uses_teacher() and cfg.teacher.placement != "precomputed"
+            resident, why = resident_plan(
+                resolve_source(cfg.data.train)[1], mode=cfg.data.resident,
+                max_mb=cfg.data.resident_max_mb, true_epochs=cfg.data.true_epochs,
+                teacher_frames=teacher_frames)
+            log.info("training data: %s", why)
+            self.reader = ShardReader(
+                cfg.data.train, rank=self.dist.rank, world_size=self.dist.world_size,
+                batch_videos=cfg.data.batch_videos, loader_workers=cfg.data.loader_workers,
+                resampled=cfg.data.resampled, steps_per_epoch=cfg.data.steps_per_epoch,
+                seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                max_bad_fraction=cfg.data.max_bad_fraction, max_words=cfg.model.max_words,
+                video_dim=cfg.model.video_dim, query_dim=cfg.model.query_dim,
+                teacher_frames=teacher_frames, true_epochs=cfg.data.true_epochs,
+                resident=resident)
         self.steps_per_epoch = self.reader.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if self.gallery is None and cfg.data.val:

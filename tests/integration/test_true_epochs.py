@@ -5,6 +5,7 @@ import collections
 
 import numpy as np
 import pytest
+import torch
 
 from sharding.batch import VideoSample
 from sharding.epochs import rank_batches, steps_for
@@ -124,6 +125,8 @@ def test_validate_states_the_steps_of_a_true_epoch(tmp_path):
     assert checks["steps"].status == OK and "true epochs" in checks["steps"].message
     assert "= 2 steps" in checks["steps"].message          # ceil(ceil(10 / 2) / 4)
     assert checks["readers"].status == OK
+    assert checks["data mode"].status == OK and checks["data mode"].message.startswith(
+        "train split resident")
     report = validate_run("configs/tiny.yaml", _tiny(src, tmp_path, "data.steps_per_epoch=5"))
     checks = {c.name: c for c in report.checks}
     assert checks["steps"].status == FAIL and "data.steps_per_epoch <= 3" in \
@@ -138,3 +141,48 @@ def test_true_epochs_read_s3_shards_by_offset(tmp_path, s3_server):
     remote = _epoch(_reader(url, loader_workers=1), 1)
     assert remote == _epoch(_reader(tmp_path / "train", loader_workers=1), 1)
     assert sorted(v for b in remote for v in b) == sorted(f"v{i}" for i in range(13))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resident_split_gives_the_streamed_batches(tmp_path, world_size):
+    """Resident mode forms exactly the batches true epochs read from disk, resume included."""
+    src = _split(tmp_path, 23)
+    for rank in range(world_size):
+        streamed = _reader(src, rank=rank, world_size=world_size)
+        resident = _reader(src, rank=rank, world_size=world_size, resident=True)
+        assert resident.loader_workers == 0
+        for epoch in (0, 1):
+            batches = list(resident.epoch(epoch))
+            assert [b.video_ids for b in batches] == _epoch(streamed, epoch)
+            again = next(iter(streamed.epoch(epoch)))
+            torch.testing.assert_close(batches[0].video_feats, again.video_feats, rtol=0, atol=0)
+            torch.testing.assert_close(batches[0].query_feats, again.query_feats, rtol=0, atol=0)
+        assert _epoch(resident, 1, start_step=2) == _epoch(streamed, 1, start_step=2)
+    assert resident.counts()[0] > 0
+
+
+def test_resident_split_counts_damage_against_every_epoch(tmp_path):
+    src = _split(tmp_path, 24)
+    shard = tmp_path / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:6000])
+    r = _reader(src, resident=True, max_bad_fraction=0.5)
+    assert [b for b in _epoch(r, 0)] == _epoch(_reader(src, max_bad_fraction=0.5), 0)
+    assert r.index_stats.bad_samples > 0 and r.counts()[1] == r.index_stats.bad_samples
+    with pytest.raises(ValueError, match="true_epochs"):
+        ShardReader(src, resident=True, true_epochs=False, steps_per_epoch=2)
+
+
+def test_resident_plan_decides_from_the_manifest(tmp_path):
+    from sharding.reader import resident_plan
+    from sharding.writer import load_manifest
+
+    m = load_manifest(str(_split(tmp_path, 8)))
+    plan = dict(manifest=m, true_epochs=True, teacher_frames=False)
+    assert resident_plan(mode="auto", max_mb=1, **plan)[0]
+    fits, why = resident_plan(mode="auto", max_mb=1e-6, **plan)
+    assert not fits and "data.resident_max_mb" in why
+    assert resident_plan(mode="on", max_mb=1e-6, **plan)[0]
+    assert not resident_plan(mode="off", max_mb=1, **plan)[0]
+    assert not resident_plan(mode="auto", max_mb=1, **{**plan, "true_epochs": False})[0]
+    with pytest.raises(ValueError, match="data.resident=on needs data.true_epochs"):
+        resident_plan(mode="on", max_mb=1, **{**plan, "true_epochs": False})

@@ -14,7 +14,6 @@ from __future__ import annotations
 import trainer.compat  # noqa: F401  (before open_clip)
 
 import argparse
-import dataclasses
 import json
 import os
 import socket
@@ -119,8 +118,8 @@ def main() -> None:
     torch.manual_seed(0)
     replicated = build_teacher(teacher_cfg())
     with tempfile.TemporaryDirectory() as cache_dir:
-        cached = build_teacher(dataclasses.replace(teacher_cfg(), cache=True,
-                                                   cache_dir=cache_dir))
+        cached = build_teacher(teacher_cfg().model_copy(update={"cache": True,
+                                                          "cache_dir": cache_dir}))
         res = {"videos": batch.num_videos, "queries": batch.num_queries,
                "frames": int(batch.video_mask.sum()),
                "distinct_teacher_frames": int(((batch.teacher_index >= 0)

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "[i*S, (i+1)*S) seconds (default: the steps spread evenly over each video)")
     fr.add_argument("--workers", type=int, default=None,
                     help="decoder processes (default: one per CPU)")
+    fr.add_argument("--overwrite", action="store_true", help="rewrite the whole split when "
+                    "--out holds frames made with other options or from another source split "
+                    "(refused otherwise, so a split never mixes two)")
     syn = shard_sub.add_parser("synthetic", help="build the synthetic PRVR world",
                                description="Write train/val/test splits and an image-text "
                                "pretraining split of the synthetic world (docs/synthetic-world.md).")

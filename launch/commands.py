@@ -37,7 +37,7 @@ def _shard_frames(args: argparse.Namespace) -> int:
 
     manifest = add_frames(args.shards, args.videos, args.out, size=args.size,
                           quality=args.quality, seconds_per_step=args.seconds_per_step,
-                          workers=args.workers)
+                          workers=args.workers, overwrite=args.overwrite)
     problems = {vid: why[len("frames: "):] for vid, why in manifest.skipped["ids"].items()
                 if why.startswith("frames: ")}
     for vid, why in list(problems.items())[:20]:

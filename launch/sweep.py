@@ -461,7 +461,7 @@ def teacher_quality(cfg: Config, cache: Path) -> dict[str, float]:
 
     t = cfg.teacher
     weights = Path(t.pretrained)
-    identity = {"arch": t.arch, "model_config": t.model_config, "pretrained": t.pretrained,
+    identity = {"arch": t.arch, "model_config": t.arch_config, "pretrained": t.pretrained,
                 "placement": t.placement, "split": cfg.data.val,
                 "weights": [weights.stat().st_size, weights.stat().st_mtime_ns]
                 if weights.is_file() else None}

@@ -8,13 +8,15 @@ by shard, which a join across two shard sets would have to repeat in lockstep); 
 shards are never modified.
 
 Videos are decoded in worker processes, a bounded number of videos in flight. Each output shard
-is written to a temporary name, fsynced and renamed, and recorded in ``.progress-frames.json``;
-a rerun with the same options keeps every recorded shard whose source and output still verify.
+is streamed through ``shard_tar`` (atomic: whole or absent) and recorded in
+``.progress-frames.json``; a rerun with the same options and source keeps every recorded shard
+whose source and output still verify, and other options or another source are refused (the
+manifest's ``generator``) unless ``overwrite``.
 """
 from __future__ import annotations
 
-import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -28,11 +30,12 @@ from typing import Iterator
 import numpy as np
 
 from sharding.files import write_atomic
+from sharding.images import JPEG_QUALITY
 from sharding.preprocess import step_rows
-from sharding.schema import FRAMES, JPEG_QUALITY, META, STEPS
+from sharding.schema import FRAMES, META, STEPS
 from sharding.video import PROBLEMS, FrameJob, extract, find_video, index_videos
-from sharding.writer import (MANIFEST, Manifest, ShardInfo, _add_member,
-                             _remove_stale, load_manifest, sha256_file)
+from sharding.writer import (MANIFEST, Manifest, ShardInfo, _remove_stale, check_generator,
+                             load_manifest, sha256_file, shard_tar)
 
 PROGRESS = ".progress-frames.json"
 DEFAULT_SIZE = 224   # ViT-B/32's input; configs/teacher-tiny.json takes 32
@@ -41,12 +44,13 @@ _JPEG = re.compile(r"f\d{3,}\.jpg")
 
 def add_frames(shards, videos, out, *, size: int = DEFAULT_SIZE, quality: int = JPEG_QUALITY,
                seconds_per_step: float | None = None, workers: int | None = None,
-               progress: bool = True) -> Manifest:
+               progress: bool = True, overwrite: bool = False) -> Manifest:
     """Write ``out/`` = the split in ``shards/`` with frames from the files under ``videos/``.
 
     By default a video's feature steps are spread evenly over its duration; with
     ``seconds_per_step`` step i covers [i s, (i + 1) s). Videos that are missing, unreadable or
-    too short are left out of the output and listed in its manifest's ``skipped``.
+    too short are left out of the output and listed in its manifest's ``skipped``. An ``out``
+    written with other options or from another source is refused unless ``overwrite``.
     """
     src_dir, out_dir = Path(shards), Path(out)
     if "://" in str(shards) or "://" in str(out):
@@ -68,9 +72,10 @@ def add_frames(shards, videos, out, *, size: int = DEFAULT_SIZE, quality: int = 
         raise ValueError(f"--videos {videos}: no .mp4/.mkv/.webm/.avi files found under it")
     options = {"size": size, "quality": quality, "seconds_per_step": seconds_per_step,
                "videos": str(Path(videos).resolve())}
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+    generator = {"frames": options, "source": src.generator}
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = _read_progress(out_dir / PROGRESS, digest)
+    check_generator(out_dir, src.split, generator, overwrite, out_dir / PROGRESS)
+    record = {} if overwrite else _read_progress(out_dir / PROGRESS, generator)
 
     from tqdm import tqdm
 
@@ -86,38 +91,26 @@ def add_frames(shards, videos, out, *, size: int = DEFAULT_SIZE, quality: int = 
             todo.append(shard)
 
     def save():
-        write_atomic(out_dir / PROGRESS, json.dumps({"options": digest, "shards": done}).encode())
+        write_atomic(out_dir / PROGRESS,
+                     json.dumps({"generator": generator, "shards": done}).encode())
 
     save()
     jobs = _jobs(src_dir, todo, index, size, quality, seconds_per_step)
-    writer = _ShardWriter(out_dir)
-    for shard, members, vid, jpegs, problem in _run(jobs, workers):
-        if writer.name != shard.name:
-            if writer.name is not None:
-                done.update(writer.close())
-                save()
-            writer.open(shard)
-        bar.update(1)
-        if problem:
-            writer.problems[vid] = problem
-            bar.set_postfix(skipped=len(writer.problems))
-        else:
-            writer.add(members, jpegs)
-    if writer.name is not None:
-        done.update(writer.close())
+    for shard, results in itertools.groupby(_run(jobs, workers), key=lambda r: r[0]):
+        done[shard.name] = _write_shard(out_dir / shard.name, shard, results, bar)
         save()
     bar.close()
-    return _finish(src, out_dir, done, options)
+    return _finish(src, out_dir, done, generator)
 
 
-def _read_progress(path: Path, digest: str) -> dict:
+def _read_progress(path: Path, generator: dict) -> dict:
     if not path.exists():
         return {}
     try:
         rec = json.loads(path.read_text())
     except ValueError:
         return {}
-    return rec.get("shards", {}) if rec.get("options") == digest else {}
+    return rec.get("shards", {}) if rec.get("generator") == generator else {}
 
 
 def _output_ok(out_dir: Path, rec: dict) -> bool:
@@ -195,51 +188,32 @@ def _run(jobs, workers: int | None):
             yield (shard_, members_, *fut.result())
 
 
-class _ShardWriter:
-    """Streams one output shard to ``<name>.tmp``; ``close`` fsyncs, renames and returns
-    {name: its progress record}."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.name: str | None = None
-
-    def open(self, shard: ShardInfo) -> None:
-        self.name, self.source = shard.name, shard
-        self.tmp = self.out_dir / (shard.name + ".tmp")
-        self.file = open(self.tmp, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
-        self.videos = self.captions = 0
-        self.problems: dict[str, str] = {}
-
-    def add(self, members: dict, jpegs: list[bytes]) -> None:
-        members = dict(members)
-        key = members.pop("__key__")
-        members.update({f"f{i:03d}.jpg": data for i, data in enumerate(jpegs)})
-        for name in sorted(members):
-            _add_member(self.tar, f"{key}.{name}", members[name])
-        self.videos += 1
-        self.captions += len(json.loads(members[META])["cap_ids"])
-
-    def close(self) -> dict:
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        path = self.out_dir / self.name
-        info = None
-        if self.videos:
-            os.replace(self.tmp, path)
-            info = asdict(ShardInfo(path.name, sha256_file(path), self.videos, self.captions,
-                                    path.stat().st_size))
-        else:
-            self.tmp.unlink()
-            path.unlink(missing_ok=True)
-        name, self.name = self.name, None
-        return {name: {"source_sha256": self.source.sha256, "info": info,
-                       "problems": self.problems}}
+def _write_shard(path: Path, source: ShardInfo, results, bar) -> dict:
+    """Stream the output shard of ``source`` from its videos' results (shard, members, video id,
+    jpegs, problem); returns its progress record. A shard whose every video was skipped is not
+    kept (``info`` None)."""
+    problems: dict[str, str] = {}
+    videos = captions = 0
+    with shard_tar(path) as tar:
+        for _, members, vid, jpegs, problem in results:
+            bar.update(1)
+            if problem:
+                problems[vid] = problem
+                bar.set_postfix(skipped=len(problems))
+                continue
+            tar.write({**members, **{f"f{i:03d}.jpg": data for i, data in enumerate(jpegs)}})
+            videos += 1
+            captions += len(json.loads(members[META])["cap_ids"])
+    info = None
+    if videos:
+        info = asdict(ShardInfo(path.name, sha256_file(path), videos, captions,
+                                path.stat().st_size))
+    else:
+        path.unlink()
+    return {"source_sha256": source.sha256, "info": info, "problems": problems}
 
 
-def _finish(src: Manifest, out_dir: Path, done: dict, options: dict) -> Manifest:
+def _finish(src: Manifest, out_dir: Path, done: dict, generator: dict) -> Manifest:
     shards = [ShardInfo(**done[s.name]["info"]) for s in src.shards if done[s.name]["info"]]
     problems = {vid: why for s in src.shards for vid, why in done[s.name]["problems"].items()}
     if not shards:
@@ -247,6 +221,7 @@ def _finish(src: Manifest, out_dir: Path, done: dict, options: dict) -> Manifest
                          f"{next(iter(problems.items()), None)})")
     _remove_stale(out_dir, src.split, {s.name for s in shards})
     counts = {kind: sum(why.startswith(kind) for why in problems.values()) for kind in PROBLEMS}
+    options = generator["frames"]
     notes = dict(src.notes)
     notes["frames"] = {**options, "source": str(src.base),
                        "timing": ("feature steps spread evenly over each video"
@@ -258,7 +233,8 @@ def _finish(src: Manifest, out_dir: Path, done: dict, options: dict) -> Manifest
     skipped.update({vid: f"frames: {why}" for vid, why in problems.items()})
     manifest = Manifest(split=src.split, shards=shards, dims={**src.dims, "image_size":
                                                                  options["size"]},
-                        skipped={"count": len(skipped), "ids": skipped}, notes=notes)
+                        skipped={"count": len(skipped), "ids": skipped}, notes=notes,
+                        generator=generator)
     write_atomic(out_dir / MANIFEST, manifest.to_json().encode())
     manifest.base = str(out_dir)
     return manifest

@@ -213,7 +213,7 @@ class _Plan:
     start_step: int = 0
     true_epochs: bool = False
     index: list[SampleRef] = field(default_factory=list)   # true epochs: every sample
-    videos: list | None = None   # resident: index's samples decoded (None: damaged, counted)
+    videos: list | None = None   # resident: the index's samples decoded (str: why damaged)
 
 
 def _seed(*parts: int) -> int:
@@ -277,8 +277,11 @@ def _true_epoch(p: _Plan, physical: int, n_workers: int) -> Iterator:
         for k in range(p.start_step + physical, len(batches), n_workers):
             videos = []
             for i in batches[k]:
-                if p.videos is not None:   # resident: decoded once, damage counted then
-                    if p.videos[i] is not None:
+                if p.videos is not None:   # resident: decoded once; damage counted as read
+                    if isinstance(p.videos[i], str):
+                        stats.bad_samples += 1
+                        stats.note(p.videos[i])
+                    else:
                         videos.append(p.videos[i])
                     continue
                 ref = p.index[i]
@@ -413,7 +416,7 @@ class ShardReader:
                           steps_per_epoch, seed, shuffle_buffer, max_words, teacher_frames,
                           true_epochs=true_epochs, index=index)
         if resident:
-            self.plan.videos = self._decode_all(teacher_frames, max_bad_fraction)
+            self.plan.videos = self._decode_all(teacher_frames)
         self.loader_workers = 0 if resident else loader_workers
         self.max_bad_fraction = max_bad_fraction
         self.stats = ReadStats()          # all finished epochs
@@ -445,24 +448,23 @@ class ShardReader:
                                f"(data.max_bad_fraction={max_bad_fraction}): {s.errors}")
         return index
 
-    def _decode_all(self, teacher_frames: bool, max_bad_fraction: float) -> list:
-        """The resident split: every indexed sample decoded once; a damaged one is None and
-        counts with the samples lost to indexing (against every epoch, as when streaming)."""
-        s, files, videos = self.index_stats, SampleFiles(_local_path), []
+    def _decode_all(self, teacher_frames: bool) -> list:
+        """The resident split: every indexed sample decoded once. A damaged one is kept as its
+        error message and counted when its batch comes up, every epoch, as when streaming."""
+        files, videos, lost = SampleFiles(_local_path), [], ReadStats()
         try:
             for ref in self.plan.index:
                 try:
-                    videos.append(_decode_counted(files.read(ref), s, teacher_frames))
+                    members = files.read(ref)
                 except DAMAGE as e:
-                    s.bad_samples += 1
-                    s.note(f"shard {ref.url}: sample {ref.key!r}: {type(e).__name__}: {e}")
-                    videos.append(None)
+                    videos.append(f"shard {ref.url}: sample {ref.key!r}: {type(e).__name__}: {e}")
+                    continue
+                video = _decode_counted(members, lost, teacher_frames)
+                videos.append(video if video is not None else lost.errors[-1])
         finally:
             files.close()
-        kept = sum(v is not None for v in videos)
-        if not kept or s.bad_samples / (s.bad_samples + kept) > max_bad_fraction:
-            raise BadDataError(f"{s.bad_samples} samples of {self.urls[0]}.. could not be decoded "
-                               f"(data.max_bad_fraction={max_bad_fraction}): {s.errors}")
+        if all(isinstance(v, str) for v in videos):
+            raise BadDataError(f"no sample of {self.urls[0]}.. could be decoded: {lost.errors}")
         return videos
 
     @property

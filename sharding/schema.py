@@ -1,9 +1,10 @@
-"""The shard sample schema (version 1): one video with all its captions (docs/shards.md).
+"""The shard sample schema (version 1): one video with all its captions (docs/shards.md), and
+the image-text pair of a teacher's pretraining split.
 
-A sample is a WebDataset group of tar members sharing a key. Only three kinds of member exist:
-``.npy`` arrays (read with ``allow_pickle=False``), one ``.json`` metadata document and ``.jpg``
-teacher frames. Anything else, notably the pickle-based ``.pyd``/``.pickle``/``.pkl`` that
-webdataset's default decoders would unpickle, is refused.
+A sample is a WebDataset group of tar members sharing a key. Only three kinds of video member
+exist: ``.npy`` arrays (read with ``allow_pickle=False``), one ``.json`` metadata document and
+``.jpg`` teacher frames. Anything else, notably the pickle-based ``.pyd``/``.pickle``/``.pkl``
+that webdataset's default decoders would unpickle, is refused.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import hashlib
 import io
 import json
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from sharding.batch import VideoSample
+from sharding.images import decode_jpeg, encode_jpeg
 from sharding.preprocess import MAX_FRAMES, MAX_WORDS
 
 SCHEMA_VERSION = 1
@@ -29,7 +32,6 @@ STEPS = "steps.npy"            # (n, 2) int32 source feature steps [start, end) 
 _JPEG = re.compile(r"f(\d{3,})\.jpg")
 _ARRAYS = {FRAMES, TOKENS, OFFSETS, TEACHER_EMB, TEACHER_TEXT, STEPS}
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-JPEG_QUALITY = 90
 
 
 class ShardError(ValueError):
@@ -56,14 +58,6 @@ def sample_key(video_id: str) -> str:
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _jpeg(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
 
 
@@ -108,7 +102,7 @@ def encode_sample(s: VideoSample) -> dict:
             raise ValueError(f"{where}: teacher_frames must be (n_t, H, W, 3) uint8, got "
                              f"{tf.shape} {tf.dtype}")
         for i, img in enumerate(tf):
-            out[f"f{i:03d}.jpg"] = _jpeg(img)
+            out[f"f{i:03d}.jpg"] = encode_jpeg(img)
     if s.teacher_frame_emb is not None:
         if s.teacher_frame_emb.ndim != 2 or s.teacher_frame_emb.shape[0] == 0:
             raise ValueError(f"{where}: teacher_frame_emb must be (n_t, Dt), got "
@@ -120,6 +114,22 @@ def encode_sample(s: VideoSample) -> dict:
                              f"{s.teacher_text_emb.shape}")
         out[TEACHER_TEXT] = _npy(np.asarray(s.teacher_text_emb).astype(np.float16))
     return out
+
+
+@dataclass(frozen=True)
+class ImageText:
+    """One sample of an image-text (teacher pretraining) split: ``KEY.jpg`` + ``KEY.txt``."""
+
+    key: str
+    image: np.ndarray   # (H, W, 3) uint8 RGB
+    text: str
+
+
+def encode_image_text(p: ImageText) -> dict:
+    """The WebDataset sample dict of a pair: RGB JPEG and the UTF-8 caption."""
+    if not _SAFE_KEY.fullmatch(p.key):
+        raise ValueError(f"image-text key {p.key!r} must match [A-Za-z0-9_-]+")
+    return {"__key__": p.key, "jpg": encode_jpeg(p.image), "txt": p.text.encode()}
 
 
 def check_member_names(names, source: str) -> None:
@@ -240,14 +250,7 @@ def decode_sample(members: dict, source: str, *, teacher_frames: bool = True) ->
 
 
 def _load_jpeg(data: bytes, name: str, source: str, key: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format != "JPEG":
-                raise ShardError(f"shard {source}: sample {key!r} member {name!r} is "
-                                 f"{img.format}, not JPEG")
-            return np.asarray(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise ShardError(f"shard {source}: sample {key!r} member {name!r} is not a readable "
-                         f"JPEG ({e})") from e
+        return decode_jpeg(data)
+    except ValueError as e:
+        raise ShardError(f"shard {source}: sample {key!r} member {name!r} {e}") from e

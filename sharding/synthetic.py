@@ -11,20 +11,15 @@ are only in the rendered frames (the teacher sees them, the student cannot): the
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
-import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sharding.batch import VideoSample
-from sharding.files import atomic_path, write_atomic
 from sharding.preprocess import prepare_frames, prepare_tokens
-from sharding.writer import Manifest, write_split
+from sharding.schema import ImageText
+from sharding.writer import IMAGE_TEXT, Manifest, write_split
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -332,65 +327,43 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 # -- the image-text pretraining split for a tiny teacher ------------------------------------------
-def pretrain_pair(world: World, index: int) -> tuple[np.ndarray, str]:
-    """One (image, text) pair: an object named by colour, shape and pattern, or plain clutter."""
+def pretrain_pair(world: World, index: int) -> ImageText:
+    """One image-text pair: an object named by colour, shape and pattern, or plain clutter."""
     rng = _rng(world.seed, SPLITS["pretrain"], index)
-    size = world.cfg.image_size
+    key, size = f"pt{index:07d}", world.cfg.image_size
     level = rng.uniform(70, 170)
     img = clutter(rng, size, level, 1)
     if rng.random() < 0.1:
-        return to_uint8(img[0]), BACKGROUND_TEXT
+        return ImageText(key, to_uint8(img[0]), BACKGROUND_TEXT)
     colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
     pattern = str(rng.choice(PATTERNS))
     cy, cx = rng.uniform(0.3, 0.7, (2, 1)) * size
     paint(img, colour, shape, pattern, cy, cx, 0.3 * size, level)
-    img = to_uint8(img[0])
     tpl = PRETRAIN_TEMPLATES[int(rng.integers(len(PRETRAIN_TEMPLATES)))]
-    return img, tpl.format(C=colour, S=shape, P=pattern)
+    return ImageText(key, to_uint8(img[0]), tpl.format(C=colour, S=shape, P=pattern))
 
 
-def _jpeg(img: np.ndarray) -> bytes:
-    from PIL import Image
+def write_pretrain(out_dir, world: World, pairs: int, pairs_per_shard: int = 1000, *,
+                   progress: bool = True, overwrite: bool = False) -> Manifest:
+    """The image-text split (``pt0000000.jpg`` + ``pt0000000.txt``, ...) and its manifest,
+    written as every split is (``write_split``: resumable, refused over another world)."""
+    return write_split(out_dir, "pretrain", [str(i) for i in range(pairs)],
+                       lambda i: pretrain_pair(world, int(i)), videos_per_shard=pairs_per_shard,
+                       dims={"image_size": world.cfg.image_size}, kind=IMAGE_TEXT,
+                       notes={"format": "webdataset: {key}.jpg (RGB) + {key}.txt (UTF-8 caption)"},
+                       progress=progress, generator=_generator(world), overwrite=overwrite)
 
-    buf = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
-
-def write_pretrain(out_dir, world: World, pairs: int, pairs_per_shard: int = 1000) -> dict:
-    """WebDataset image-text shards (``{key}.jpg`` + ``{key}.txt``) and their manifest.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for s, first in enumerate(range(0, pairs, pairs_per_shard)):
-        path = out / f"pretrain-{s:06d}.tar"
-        n = min(pairs_per_shard, pairs - first)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f, \
-                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(first, first + n):
-                img, text = pretrain_pair(world, i)
-                for name, data in ((f"pt{i:07d}.jpg", _jpeg(img)),
-                                   (f"pt{i:07d}.txt", text.encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o444
-                    tar.addfile(info, io.BytesIO(data))
-        shards.append({"name": path.name, "pairs": n, "bytes": path.stat().st_size,
-                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    for p in out.glob("pretrain-*.tar"):
-        if p.name not in {s["name"] for s in shards}:
-            p.unlink()
-    manifest = {"kind": "image-text", "split": "pretrain", "format": "webdataset: {key}.jpg + "
-                "{key}.txt (UTF-8 caption)", "pairs": pairs, "image_size": world.cfg.image_size,
-                "seed": world.seed, "shards": shards}
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-    return manifest
+def _generator(world: World) -> dict:
+    """What every split of a world is a function of, besides the video or pair index."""
+    return {"world": "synthetic", "seed": world.seed, "config": asdict(world.cfg)}
 
 
 # -- the whole world ------------------------------------------------------------------------------
 def build_world(out, videos: int = 600, eval_videos: int | None = None, seed: int = 0,
                 pretrain_pairs: int = 3000, cfg: WorldConfig = WorldConfig(), *,
                 videos_per_shard: int = 100, max_shard_bytes: int | None = None,
-                progress: bool = True, overwrite: bool = False) -> dict[str, Manifest | dict]:
+                progress: bool = True, overwrite: bool = False) -> dict[str, Manifest]:
     """Write ``out/{train,val,test,pretrain}``: ``videos`` train videos, ``eval_videos`` (default
     videos // 4) each for val and test, and ``pretrain_pairs`` image-text pairs. A folder holding
     a world of another seed or config is refused unless ``overwrite`` (see ``write_split``)."""
@@ -405,25 +378,26 @@ def build_world(out, videos: int = 600, eval_videos: int | None = None, seed: in
              "teacher": "raw RGB frames rendered at image_size (f000.jpg..), one per original "
                         "frame; caption texts for the text tower"}
     out = Path(out)
-    result: dict[str, Manifest | dict] = {}
+    result: dict[str, Manifest] = {}
     for split, n in (("train", videos), ("val", n_eval), ("test", n_eval)):
         result[split] = write_split(
             out / split, split, [str(i) for i in range(n)],
             lambda i, split=split: world.sample(split, int(i)),
             videos_per_shard=videos_per_shard, max_shard_bytes=max_shard_bytes, dims=dims,
-            notes=notes, progress=progress, overwrite=overwrite,
-            generator={"world": "synthetic", "seed": seed, "config": asdict(cfg)})
+            notes=notes, progress=progress, overwrite=overwrite, generator=_generator(world))
     if pretrain_pairs:
-        result["pretrain"] = write_pretrain(out / "pretrain", world, pretrain_pairs)
+        result["pretrain"] = write_pretrain(out / "pretrain", world, pretrain_pairs,
+                                            progress=progress, overwrite=overwrite)
     return result
 
 
 # -- a training-free oracle (how hard the world is) -----------------------------------------------
-def oracle_ranks(world: World, samples: list[VideoSample]) -> np.ndarray:
-    """Rank of each caption's own video when scored by max_l cos(concept signal, frame l).
+def oracle_scores(world: World, samples: list[VideoSample]) -> tuple[np.ndarray, np.ndarray]:
+    """(Nq, Nv) scores max_l cos(concept signal, frame l) of every caption against every video,
+    and (Nq,) each caption's own video, to rank with ``trainer.metrics``.
 
-    The oracle knows the world's concept vectors (no training, no teacher), so it measures how
-    separable the student features are; ranks are pessimistic on ties (method.md §1).
+    The oracle knows the world's concept vectors (no training, no teacher), so its ranks measure
+    how separable the student features are.
     """
     L = max(s.frames.shape[0] for s in samples)
     feats = np.zeros((len(samples), L, world.cfg.video_dim), np.float32)
@@ -441,14 +415,4 @@ def oracle_ranks(world: World, samples: list[VideoSample]) -> np.ndarray:
             gt.append(j)
     q = np.stack(queries).astype(np.float32)
     cos = np.einsum("qd,bld->qbl", q, feats)
-    scores = np.where(mask[None], cos, -np.inf).max(-1)
-    gt = np.asarray(gt)
-    own = scores[np.arange(len(gt)), gt]
-    return (scores >= own[:, None]).sum(1)   # the own video counts itself once
-
-
-def recall(ranks: np.ndarray) -> dict[str, float]:
-    """R@1/5/10/100 in percent and SumR."""
-    r = {f"R{k}": float(100 * np.mean(ranks <= k)) for k in (1, 5, 10, 100)}
-    r["SumR"] = sum(r.values())
-    return r
+    return np.where(mask[None], cos, -np.inf).max(-1), np.asarray(gt, np.int64)

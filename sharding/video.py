@@ -6,9 +6,10 @@ cannot give its frames is never fatal: :func:`extract` returns the reason ("miss
 """
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
+
+from sharding.images import encode_jpeg
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi")
 # Beyond this gap to the next wanted time, seeking to a keyframe beats decoding every frame.
@@ -143,7 +144,4 @@ def _jpeg(img, size: int, quality: int) -> bytes:
     if new != (w, h):
         img = img.resize(new, Image.BICUBIC)
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    return encode_jpeg(img.crop((left, top, left + size, top + size)), quality)

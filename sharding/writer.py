@@ -8,24 +8,30 @@ shard that is missing, truncated, corrupt or was cut from different ids. The ``g
 ``load`` depends on besides the id: its config and seed) is recorded in the progress record and
 the manifest; a folder written by another generator is refused (``overwrite=True`` rewrites the
 whole split), so one split never mixes shards of two datasets.
+
+A split holds videos (``VideoSample``, the training data) or image-text pairs (``ImageText``, a
+teacher's pretraining data); its manifest says which (``kind``). Every tar shard of dldkd is
+written by ``shard_tar``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import os
-import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from webdataset import TarWriter
+
 from sharding.batch import VideoSample
 from sharding.files import atomic_path, write_atomic
-from sharding.schema import SCHEMA_VERSION, encode_sample
+from sharding.schema import SCHEMA_VERSION, ImageText, encode_image_text, encode_sample
 
 MANIFEST = "manifest.json"
 DEFAULT_VIDEOS_PER_SHARD = 500
+VIDEO_TEXT, IMAGE_TEXT = "video-text", "image-text"   # a split's kind of sample
 
 
 class SkipVideo(Exception):
@@ -33,7 +39,8 @@ class SkipVideo(Exception):
 
 
 class ManifestError(ValueError):
-    """A manifest is missing, unreadable, or written for another schema version."""
+    """A manifest is missing, unreadable, or written for another schema version or kind of split;
+    or a folder holds shards of another generator."""
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     totals: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)   # the config and seed that made the shards
+    kind: str = VIDEO_TEXT
     base: str = ""   # where the manifest was read from (not written)
 
     def __post_init__(self):
@@ -85,10 +93,14 @@ def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
+@contextlib.contextmanager
+def shard_tar(path: str | Path) -> Iterator[TarWriter]:
+    """A WebDataset ``TarWriter`` onto ``path``: the shard appears whole or not at all
+    (``atomic_path``). Members are bytes only (``encoder=False``: nothing is ever pickled), in
+    sorted order per sample, with mtime 0 and no owner, so the same samples give the same bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, \
+            TarWriter(f, encoder=False, mtime=0, user="", group="") as tar:
+        yield tar
 
 
 class _ShardBuffer:
@@ -97,23 +109,33 @@ class _ShardBuffer:
     def __init__(self):
         self.ids: list[str] = []          # every id consumed, skipped ones included
         self.samples: list[dict] = []
-        self.captions = 0
+        self.videos = self.captions = 0
         self.bytes = 0
 
-    def add(self, encoded: dict, n_caps: int) -> None:
+    def add(self, encoded: dict, videos: int, captions: int) -> None:
         self.samples.append(encoded)
-        self.captions += n_caps
+        self.videos += videos
+        self.captions += captions
         self.bytes += sum(len(v) + 512 for k, v in encoded.items() if not k.startswith("__"))
 
     def write(self, path: Path) -> ShardInfo:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f, \
-                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with shard_tar(path) as tar:
             for s in self.samples:
-                key = s["__key__"]
-                for name in sorted(k for k in s if not k.startswith("__")):
-                    _add_member(tar, f"{key}.{name}", s[name])
-        return ShardInfo(path.name, sha256_file(path), len(self.samples), self.captions,
+                tar.write(s)
+        return ShardInfo(path.name, sha256_file(path), self.videos, self.captions,
                          path.stat().st_size)
+
+
+def _encode(sample: VideoSample | ImageText, kind: str, dims: dict) -> tuple[dict, int, int]:
+    """(WebDataset sample dict, videos, captions) of one loaded sample of a ``kind`` split."""
+    if kind == IMAGE_TEXT:
+        size = dims["image_size"]
+        if not isinstance(sample, ImageText) or sample.image.shape != (size, size, 3):
+            raise ValueError(f"an image-text split of image_size {size} takes ImageText samples "
+                             f"of (size, size, 3) pixels, got {sample!r:.80}")
+        return encode_image_text(sample), 0, 1
+    _check_dims(sample, dims)
+    return encode_sample(sample), 1, len(sample.cap_ids)
 
 
 def _check_dims(s: VideoSample, dims: dict) -> None:
@@ -128,22 +150,27 @@ def _check_dims(s: VideoSample, dims: dict) -> None:
                              f"dims[{k!r}] = {dims[k]}; all videos of a split share one dim")
 
 
-def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str], VideoSample], *,
+def write_split(out_dir, split: str, items: Iterable[str],
+                load: Callable[[str], VideoSample | ImageText], *,
                 videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD, max_shard_bytes: int | None = None,
                 dims: dict, notes: dict | None = None, progress: bool = True,
-                generator: dict | None = None, overwrite: bool = False) -> Manifest:
+                generator: dict | None = None, overwrite: bool = False,
+                kind: str = VIDEO_TEXT) -> Manifest:
     """Stream ``items`` through ``load`` into ``<split>-NNNNNN.tar`` shards and a manifest.
 
-    A shard closes at ``videos_per_shard`` videos or once it holds ``max_shard_bytes`` (whichever
-    comes first). One directory holds one split: its ``manifest.json`` describes that split.
-    ``generator`` (JSON-able: config, seed) must match the one recorded in ``out_dir`` for its
-    shards to be reused; otherwise ``ManifestError``, or with ``overwrite`` a rewrite of the split.
+    A shard closes at ``videos_per_shard`` samples (videos, or pairs of an ``IMAGE_TEXT`` split)
+    or once it holds ``max_shard_bytes`` (whichever comes first). One directory holds one split:
+    its ``manifest.json`` describes that split. ``generator`` (JSON-able: config, seed) must
+    match the one recorded in ``out_dir`` for its shards to be reused; otherwise
+    ``ManifestError``, or with ``overwrite`` a rewrite of the split.
     """
     if videos_per_shard < 1:
         raise ValueError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
     if not split or "/" in split or "-" in split:
         raise ValueError(f"split name {split!r} must be non-empty without '/' or '-'")
-    for k in ("video_dim", "query_dim"):
+    if kind not in (VIDEO_TEXT, IMAGE_TEXT):
+        raise ValueError(f"kind {kind!r} must be {VIDEO_TEXT!r} or {IMAGE_TEXT!r}")
+    for k in ("video_dim", "query_dim") if kind == VIDEO_TEXT else ("image_size",):
         if not isinstance(dims.get(k), int):
             raise ValueError(f"dims must give an integer {k!r}, got {dims!r}")
     out = Path(out_dir)
@@ -156,7 +183,7 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
                              f" write each split to its own directory (e.g. {out / split})")
     progress_path = out / f".progress-{split}.json"
     generator = json.loads(json.dumps(generator or {}))   # tuples as lists, as read back
-    _check_generator(out, split, generator, overwrite)
+    check_generator(out, split, generator, overwrite, progress_path)
     done: list[dict] = []
     if progress_path.exists():
         record = json.loads(progress_path.read_text())
@@ -164,7 +191,7 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
                 and record.get("generator", {}) == generator):
             done = record["shards"]
 
-    bar = _progress_bar(items, split, progress)
+    bar = _progress_bar(items, split, progress, "video" if kind == VIDEO_TEXT else "pair")
     it = iter(items)
     shards: list[ShardInfo] = []
     skipped: dict[str, str] = {}
@@ -212,8 +239,7 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
             shard_skips[vid] = skipped[vid] = str(e) or "skipped"
             bar.set_postfix(skipped=len(skipped))
             continue
-        _check_dims(sample, dims)
-        buf.add(encode_sample(sample), len(sample.cap_ids))
+        buf.add(*_encode(sample, kind, dims))
         if len(buf.samples) >= videos_per_shard or (max_shard_bytes and buf.bytes >= max_shard_bytes):
             flush()
     if buf.samples:
@@ -227,19 +253,22 @@ def write_split(out_dir, split: str, items: Iterable[str], load: Callable[[str],
     bar.close()
     _remove_stale(out, split, {s.name for s in shards})
     manifest = Manifest(split=split, shards=shards, dims=dict(dims), notes=dict(notes or {}),
-                        skipped={"count": len(skipped), "ids": skipped}, generator=generator)
+                        skipped={"count": len(skipped), "ids": skipped}, generator=generator,
+                        kind=kind)
     if not shards:
-        raise ValueError(f"split {split!r}: no video could be written ({len(skipped)} skipped, "
+        raise ValueError(f"split {split!r}: no sample could be written ({len(skipped)} skipped, "
                          f"e.g. {next(iter(skipped.items()), None)})")
     write_atomic(manifest_path, manifest.to_json().encode())
     manifest.base = str(out)
     return manifest
 
 
-def _check_generator(out: Path, split: str, generator: dict, overwrite: bool) -> None:
-    """Refuse to add to (or resume) shards that another generator wrote, naming what differs."""
+def check_generator(out: Path, split: str, generator: dict, overwrite: bool,
+                    progress_path: Path) -> None:
+    """Refuse to add to (or resume) shards that another generator wrote, naming what differs;
+    the writer's progress record (``progress_path``) speaks first, then the manifest."""
     recorded = None
-    for path in (out / f".progress-{split}.json", out / MANIFEST):
+    for path in (progress_path, out / MANIFEST):
         if path.exists():
             try:
                 recorded = json.loads(path.read_text()).get("generator", {})
@@ -288,15 +317,19 @@ def _remove_stale(out: Path, split: str, keep: set[str]) -> None:
             p.unlink()
 
 
-def _progress_bar(items, split: str, enabled: bool):
+def _progress_bar(items, split: str, enabled: bool, unit: str):
     from tqdm import tqdm
 
     total = len(items) if hasattr(items, "__len__") else None
-    return tqdm(total=total, desc=f"shard {split}", unit="video", disable=not enabled)
+    return tqdm(total=total, desc=f"shard {split}", unit=unit, disable=not enabled)
 
 
-def load_manifest(path_or_url: str | os.PathLike) -> Manifest:
-    """Read a manifest from a directory, a manifest.json path, or an fsspec URL (file/http/s3)."""
+def load_manifest(path_or_url: str | os.PathLike, kind: str | None = VIDEO_TEXT) -> Manifest:
+    """Read a manifest from a directory, a manifest.json path, or an fsspec URL (file/http/s3).
+
+    ``kind`` (None: any) is the kind of split the caller reads: a pretraining folder given as
+    training data, or the reverse, is refused by name.
+    """
     loc = str(path_or_url)
     if not loc.endswith(".json"):
         loc = loc.rstrip("/") + "/" + MANIFEST
@@ -309,8 +342,10 @@ def load_manifest(path_or_url: str | os.PathLike) -> Manifest:
         else:
             raw = Path(loc).read_bytes()
     except FileNotFoundError as e:
-        raise ManifestError(f"no shard manifest at {loc}: write the split with `dldkd shard ...` "
-                            "or point data.train/val/test at the directory that holds it") from e
+        hint = {VIDEO_TEXT: " or point data.train/val/test at the directory that holds it",
+                IMAGE_TEXT: " or give --shards the pretraining folder that holds it"}.get(kind, "")
+        raise ManifestError(f"no shard manifest at {loc}: write the split with `dldkd shard ...`"
+                            f"{hint}") from e
     except OSError as e:
         raise ManifestError(f"cannot read the shard manifest {loc}: {e}") from e
     try:
@@ -324,16 +359,21 @@ def load_manifest(path_or_url: str | os.PathLike) -> Manifest:
     try:
         m = Manifest(split=d["split"], shards=[ShardInfo(**s) for s in d["shards"]],
                      dims=d["dims"], skipped=d.get("skipped", {"count": 0, "ids": {}}),
-                     notes=d.get("notes", {}), generator=d.get("generator", {}))
+                     notes=d.get("notes", {}), generator=d.get("generator", {}),
+                     kind=d.get("kind", VIDEO_TEXT))
     except (KeyError, TypeError) as e:
         raise ManifestError(f"shard manifest {loc} is incomplete ({e!r})") from e
+    if kind is not None and m.kind != kind:
+        raise ManifestError(f"shard manifest {loc} describes {m.kind} shards, not {kind} ones: "
+                            "video splits are training data (data.train/val/test), image-text "
+                            "splits pretrain a teacher (dldkd teacher pretrain --shards)")
     m.base = loc.rsplit("/", 1)[0] if "/" in loc else "."
     return m
 
 
 def verify_shards(directory) -> dict[str, str]:
     """Check every shard in ``directory``'s manifest: {shard name: problem}, empty when all good."""
-    m = load_manifest(directory)
+    m = load_manifest(directory, kind=None)
     problems = {}
     for s in m.shards:
         path = Path(directory) / s.name

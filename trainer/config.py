@@ -1,21 +1,25 @@
 """Typed run configuration: one place that builds, overrides and validates it.
 
-A config is a tree of dataclasses loaded from YAML (``yaml.safe_load``), overridden with dotted
-``key.sub=value`` strings, and checked by :func:`validate`, whose errors name the key, the value
-and what is allowed. Every other module takes a ``Config`` (or one of its sections), never a dict.
+A config is a tree of pydantic models; each key's type (``Literal`` for choices), default, bounds
+and description live in its ``Field``. YAML files and dotted ``key.sub=value`` overrides are read
+by the same YAML rules (:class:`Loader`), and every error is a :class:`ConfigError` naming the key,
+the value and what is allowed. Every other module takes a ``Config`` (or one of its sections),
+never a dict.
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import os
-import dataclasses
-import typing
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from sharding.files import write_atomic
 from trainer.storage import is_remote
@@ -25,193 +29,270 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key, the value and what is allowed."""
 
 
-@dataclass
-class ModelConfig:
+class Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` with YAML 1.2 booleans and exponents: ``kd: off`` is the string 'off'
+    (only true/false are booleans) and ``lr: 1e-4`` is a number, in files and overrides alike."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                             re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                             re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                             list("-+0123456789"))
+
+
+class _Model(BaseModel):
+    """Unknown keys are refused, and building one directly raises ConfigError like a file does."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            section = tuple(n for n, f in Config.model_fields.items() if f.annotation is type(self))
+            raise _config_error(err, section) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exact_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        """A switch takes true/false only (not 1 or 'yes'); a number takes no boolean."""
+        kind = cls.model_fields[info.field_name].annotation
+        if (kind is bool) != isinstance(value, bool) and kind in (bool, int, float):
+            error = f"{kind.__name__}_type"
+            raise PydanticCustomError(error, _MUST[error])
+        return value
+
+
+class ModelConfig(_Model):
     """The dual-branch student (method.md §3)."""
 
-    video_dim: int = 3072
-    query_dim: int = 768
-    hidden: int = 384
-    heads: int = 4
-    max_frames: int = 128
-    max_words: int = 30
-    input_drop: float = 0.2
-    drop: float = 0.2
-    # "dual" (DL-DKD), or one branch alone for the ablations.
-    branches: str = "dual"
-    # Test score S = w * S_inh + (1 - w) * S_exp (method.md §7).
-    inh_weight: float = 0.7
+    video_dim: int = Field(3072, ge=1, description="Size of the shards' student video features.")
+    query_dim: int = Field(768, ge=1, description="Size of the shards' caption token features.")
+    hidden: int = Field(384, ge=1, description="Width of the student; a multiple of heads.")
+    heads: int = Field(4, ge=1, description="Attention heads.")
+    max_frames: int = Field(128, ge=1, description="Longest video (feature steps) taken.")
+    max_words: int = Field(30, ge=1, description="Longest caption (tokens) taken.")
+    input_drop: float = Field(0.2, ge=0, le=1, description="Dropout of the input layers.")
+    drop: float = Field(0.2, ge=0, le=1, description="Dropout inside the encoders.")
+    branches: Literal["dual", "inheritance", "exploration"] = Field(
+        "dual", description="'dual' (DL-DKD), or one branch alone for the ablations.")
+    inh_weight: float = Field(0.7, ge=0, le=1, description=(
+        "w of the test score S = w * S_inh + (1 - w) * S_exp (method.md §7)."))
 
 
-@dataclass
-class LossConfig:
-    """Loss terms and their coefficients (method.md §5)."""
+class LossConfig(_Model):
+    """Loss terms and their coefficients (method.md §5); schedule shapes in method.md §6."""
 
-    margin: float = 0.1
-    hard_pool: int = 20
-    hard_negative_start_epoch: int = 0
-    nce_weight: float = 0.04
-    kd_temp: float = 0.2
-    # "dynamic" (lambda(e) from kd_schedule), "static" (kd_static_weight), or "off".
-    kd: str = "dynamic"
-    kd_schedule: str = "exp_down"
-    kd_static_weight: float = 0.1
-    # lambda(e) = kd_weight * shape(e) for every named shape (the reference's kl_intra_weight).
-    kd_weight: float = 0.1
-    # Shape constants (docs/method.md): exp_down base^e; linear max(1 - slope e, floor);
-    # sigmoid k / (k + exp(100 e / k)); exp_up clip(1 - base^e, exp_up_min, 1).
-    kd_exp_base: float = 0.95
-    kd_linear_slope: float = 0.01
-    kd_linear_floor: float = 0.05
-    kd_sigmoid_k: float = 800.0
-    kd_exp_up_min: float = 0.01
-    # sigma(e) = k / (k + exp(e / tau)); alpha = scale sigma; beta = max(scale sigma, beta_floor).
-    soft_sigma_k: float = 800.0
-    soft_sigma_tau: float = 8.0
-    soft_scale: float = 0.8
-    soft_beta_floor: float = 0.5
-    # Schedule horizon: 0 = schedules run on real epochs (the paper); H > 0 maps the run's
-    # progress (step / total steps) onto schedule epochs [0, H), so a short run traverses the
-    # same lambda/alpha/beta trajectory as an H-epoch one.
-    schedule_epochs: float = 0.0
-    # "soft" = DL-DKD++ dynamic soft targets; "hard" = DL-DKD InfoNCE.
-    targets: str = "soft"
-    # Control for the ablation: permute the teacher's targets across the batch.
-    shuffle_teacher: bool = False
+    margin: float = Field(0.1, ge=0, description="Triplet ranking margin.")
+    hard_pool: int = Field(20, ge=1, description=(
+        "A query's negative is drawn from its hard_pool best other videos (1: the hardest)."))
+    hard_negative_start_epoch: int = Field(0, ge=0, description=(
+        "Real epoch from which negatives are hard; before it, any other video."))
+    nce_weight: float = Field(0.04, ge=0, description="Weight of each branch's (soft) InfoNCE.")
+    kd_temp: float = Field(0.2, gt=0, description="Temperature of the KD term.")
+    kd: Literal["dynamic", "static", "off"] = Field("dynamic", description=(
+        "'dynamic' (lambda(e) from kd_schedule), 'static' (kd_static_weight), or 'off'."))
+    kd_schedule: Literal["exp_down", "linear", "sigmoid", "exp_up"] = Field(
+        "exp_down", description="Shape of lambda(e) = kd_weight * shape(e) (trainer.schedules).")
+    kd_static_weight: float = Field(0.1, ge=0, description="lambda when kd is 'static'.")
+    kd_weight: float = Field(0.1, ge=0, description=(
+        "lambda(e) = kd_weight * shape(e) for every shape (the reference's kl_intra_weight)."))
+    kd_exp_base: float = Field(0.95, gt=0, le=1, description=(
+        "exp_down: base^e; exp_up: clip(1 - base^e, kd_exp_up_min, 1)."))
+    kd_linear_slope: float = Field(0.01, ge=0, description="linear: max(1 - slope e, floor).")
+    kd_linear_floor: float = Field(0.05, ge=0, le=1, description="linear: its floor.")
+    kd_sigmoid_k: float = Field(800.0, gt=0, description="sigmoid: k / (k + exp(100 e / k)).")
+    kd_exp_up_min: float = Field(0.01, ge=0, le=1, description="exp_up: its lower clip.")
+    soft_sigma_k: float = Field(800.0, gt=0, description="sigma(e) = k / (k + exp(e / tau)).")
+    soft_sigma_tau: float = Field(8.0, gt=0, description="tau of sigma(e).")
+    soft_scale: float = Field(0.8, ge=0, le=1, description=(
+        "alpha = scale * sigma(e); beta = max(scale * sigma(e), soft_beta_floor)."))
+    soft_beta_floor: float = Field(0.5, ge=0, le=1, description="The floor of beta.")
+    schedule_epochs: float = Field(0.0, ge=0, description=(
+        "0: schedules run on real epochs (the paper); H > 0 maps the run's progress onto "
+        "schedule epochs [0, H), so a short run follows an H-epoch run's lambda/alpha/beta."))
+    targets: Literal["soft", "hard"] = Field("soft", description=(
+        "'soft': DL-DKD++ dynamic soft targets; 'hard': DL-DKD InfoNCE."))
+    shuffle_teacher: bool = Field(False, description=(
+        "Ablation control: permute the teacher's targets across the batch."))
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(_Model):
     """BERT-Adam with warm-up and linear decay (method.md §7); AdamW where an engine needs its own."""
 
-    name: str = "bert_adam"
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    weight_decay: float = 0.01
-    warmup: float = 0.01
-    grad_clip: float = 1.0
+    name: Literal["bert_adam", "adamw"] = Field("bert_adam", description=(
+        "'bert_adam' (the reference's), or 'adamw' (torch AdamW)."))
+    lr: float = Field(3e-4, gt=0, le=1, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas: two numbers in [0, 1).")
+    eps: float = Field(1e-6, gt=0, le=1, description="Adam epsilon.")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="Weight decay.")
+    warmup: float = Field(0.01, ge=0, le=1, description=(
+        "Fraction of the steps with linear warm-up; linear decay to 0 after it."))
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip; 0 = none.")
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _two_betas(cls, value: Any) -> Any:
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                for b in value)):
+            raise ConfigError(f"optim.betas={value!r} must be two numbers in [0, 1)")
+        return value
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Model):
     """Where the shards are and how batches are cut (DESIGN data flow 2)."""
 
-    train: str = ""
-    val: str = ""
-    test: str = ""
-    batch_videos: int = 128
-    # Steps per virtual epoch; 0 = derived from the train manifest (videos / global batch).
-    steps_per_epoch: int = 0
-    loader_workers: int = 2
-    resampled: bool = True
-    # Every training video once per epoch, in a fresh order across shards, the same number of
-    # steps on every rank (sharding/epochs.py); steps_per_epoch > 0 then cuts epochs short.
-    # False: `resampled` decides (streaming, for data too large to index).
-    true_epochs: bool = True
-    shuffle_buffer: int = 256
-    max_bad_fraction: float = 0.01
-    # Videos encoded and scored per chunk in evaluation (memory: chunk x frames x features).
-    eval_batch_videos: int = 256
-    # Hold the decoded training split in memory and batch by indexing (true epochs only):
-    # "auto" when it fits in resident_max_mb per worker, "on", or "off" (stream every epoch).
-    resident: str = "auto"
-    resident_max_mb: float = 4096.0
+    train: str = Field("", description=(
+        "Training shards: a folder or URI holding manifest.json, the manifest, or shard URLs."))
+    val: str = Field("", description="Validation shards (evaluation, early stopping); empty: none.")
+    test: str = Field("", description="Test shards, scored with the best weights at the end.")
+    batch_videos: int = Field(128, ge=1, description="Videos per micro-batch per worker.")
+    steps_per_epoch: int = Field(0, ge=0, description=(
+        "Steps per virtual epoch; 0 = derived from the train manifest (videos / global batch)."))
+    loader_workers: int = Field(2, ge=0, le=64, description="DataLoader processes per worker.")
+    resampled: bool = Field(True, description=(
+        "Without true_epochs: draw shards with replacement (streaming), else one pass an epoch."))
+    true_epochs: bool = Field(True, description=(
+        "Every training video once per epoch in a fresh order, the same steps on every rank "
+        "(sharding/epochs.py); steps_per_epoch > 0 cuts epochs short; false: resampled decides."))
+    shuffle_buffer: int = Field(256, ge=0, description="Samples in the streaming shuffle buffer.")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description=(
+        "Fraction of damaged samples skipped before reading fails."))
+    eval_batch_videos: int = Field(256, ge=1, description=(
+        "Videos encoded and scored per chunk in evaluation (memory: chunk x frames x features)."))
+    resident: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Hold the decoded training split in memory and batch by indexing (true epochs only): "
+        "'auto' when it fits in resident_max_mb per worker, 'on', or 'off' (stream every epoch)."))
+    resident_max_mb: float = Field(4096.0, ge=0, description="Memory 'auto' residency may use.")
 
 
-@dataclass
-class TeacherConfig:
+class TeacherConfig(_Model):
     """The frozen open_clip teacher (method.md §4, DESIGN data flow 3)."""
 
-    arch: str = "ViT-B-32"
-    # open_clip pretrained tag ("openai", "laion2b_s34b_b79k"), "hf-hub:org/name", or a local file.
-    pretrained: str = ""
-    # Optional open_clip JSON model config registered under `arch` (custom/tiny models).
-    model_config: str = ""
-    # "replicated", "zero3" (parameters partitioned over ranks), or "precomputed" (from shards).
-    placement: str = "replicated"
-    # Use CLIP's logit scale on normalised embeddings for T instead of the raw dot product.
-    logit_scale_targets: bool = False
-    cache: bool = True
-    cache_mem_mb: int = 512
-    cache_dir: str = ""
-    image_batch: int = 256
+    arch: str = Field("ViT-B-32", description="open_clip architecture name.")
+    pretrained: str = Field("", description=(
+        "open_clip pretrained tag ('openai', 'laion2b_s34b_b79k'), 'hf-hub:org/name', or a file."))
+    # The key is teacher.model_config; pydantic reserves that attribute name on a model.
+    arch_config: str = Field("", alias="model_config", description=(
+        "Optional open_clip JSON model config registered under arch (custom/tiny models)."))
+    placement: Literal["replicated", "zero3", "precomputed"] = Field("replicated", description=(
+        "'replicated', 'zero3' (parameters partitioned over ranks), or 'precomputed' (shards)."))
+    logit_scale_targets: bool = Field(False, description=(
+        "Use CLIP's logit scale on normalised embeddings for T instead of the raw dot product."))
+    cache: bool = Field(True, description="Cache the frame embeddings across epochs.")
+    cache_mem_mb: int = Field(512, ge=0, description="Memory of the frame-embedding cache.")
+    cache_dir: str = Field("", description="Where the cache spills; empty: evicted ones dropped.")
+    image_batch: int = Field(256, ge=1, description="Frames per chunk through the image tower.")
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Model):
     """The loop: length, evaluation, early stopping, checkpoints, logging."""
 
-    epochs: int = 120
-    early_stop: int = 10
-    # Evaluate every N steps; 0 = at the end of every virtual epoch.
-    eval_every: int = 0
-    ckpt_every: int = 0
-    log_every: int = 50
-    seed: int = 9527
-    max_eval_queries: int = 0
-    deterministic: bool = False
-    # On SIGTERM/SIGINT: seconds allowed to reach the next log step and save a checkpoint.
-    stop_grace_s: float = 300.0
-    # Re-check tensor values inside the step (labels, NaN, empty masks): each check is a
-    # device-to-host sync, so it is off in training; inputs are validated where they enter.
-    debug: bool = False
+    epochs: int = Field(120, ge=1, description="Run length in (virtual) epochs.")
+    early_stop: int = Field(10, ge=0, description=(
+        "Stop after this many evaluations without a better SumR; 0 = never."))
+    eval_every: int = Field(0, ge=0, description=(
+        "Evaluate every N steps; 0 = at the end of every virtual epoch."))
+    ckpt_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = at evaluations.")
+    log_every: int = Field(50, ge=1, description="Log metrics every N steps.")
+    seed: int = Field(9527, description="Seed of every RNG stream (plus the rank).")
+    max_eval_queries: int = Field(0, ge=0, description="Cap on validation queries; 0 = all.")
+    deterministic: bool = Field(False, description="torch deterministic algorithms (slower).")
+    stop_grace_s: float = Field(300.0, gt=0, description=(
+        "On SIGTERM/SIGINT: seconds allowed to reach the next log step and save a checkpoint."))
+    debug: bool = Field(False, description=(
+        "Re-check tensor values inside the step (labels, NaN, empty masks); each check is a "
+        "device-to-host sync, so it is off in training; inputs are validated where they enter."))
 
 
-@dataclass
-class DistConfig:
+class DistConfig(_Model):
     """Workers, DeepSpeed engine and fault tolerance."""
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    zero_stage: int = 0
-    precision: str = "fp32"
-    grad_accum: int = 1
-    # Ray placement strategy: "PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK".
-    placement_strategy: str = "PACK"
-    max_failures: int = 0
-    timeout_s: int = 1800
+    num_workers: int = Field(1, ge=1, le=4096, description="Training workers (ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL collectives.")
+    cpus_per_worker: int = Field(1, ge=0, le=1024, description="CPUs Ray reserves per worker.")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
+    grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        "PACK", description="Ray placement strategy of the workers.")
+    max_failures: int = Field(0, ge=-1, description=(
+        "Worker failures Ray Train restarts from the latest checkpoint; -1 = unlimited."))
+    timeout_s: int = Field(1800, ge=1, description="Collective timeout in seconds.")
 
 
-@dataclass
-class TrackingConfig:
+class TrackingConfig(_Model):
     """MLflow: empty uri = $MLFLOW_TRACKING_URI where the config is loaded, else a SQLite file
     under the run folder."""
 
-    uri: str = ""
-    experiment: str = "dldkd"
-    system_metrics: bool = True
-    parent_run_id: str = ""
+    uri: str = Field("", description="MLflow tracking URI (see the section's docstring).")
+    experiment: str = Field("dldkd", description="MLflow experiment name.")
+    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
+    parent_run_id: str = Field("", description="MLflow parent run (set by a sweep per trial).")
 
 
-@dataclass
-class RunConfig:
+class RunConfig(_Model):
     """Identity and storage of one run."""
 
-    name: str = "dldkd"
-    # Local folder or URI (s3://...) where checkpoints and Ray results live.
-    storage: str = "runs"
-    resume: str = "auto"
+    name: str = Field("dldkd", description="The run's folder and MLflow key; no '/'.")
+    storage: str = Field("runs", description=(
+        "Local folder or URI (s3://...) where checkpoints and Ray results live."))
+    resume: Literal["auto", "never", "must"] = Field("auto", description=(
+        "Relaunch of the same run.name: continue from its latest checkpoint if any ('auto'), "
+        "start over ('never'), or fail without one ('must')."))
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, value: str) -> str:
+        if not value or "/" in value:
+            raise ConfigError(f"run.name={value!r} must be a non-empty name without '/'")
+        return value
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+class Config(_Model):
+    """One run's whole configuration: a section per concern, rules between keys checked here."""
 
-    def __post_init__(self) -> None:
-        validate(self)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """An empty YAML section (``model:``) means its defaults."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        """Rules between keys; each key's own type and range is in its Field."""
+        if self.model.hidden % self.model.heads:
+            raise ConfigError(f"model.hidden={self.model.hidden} must be divisible by "
+                              f"model.heads={self.model.heads}")
+        if self.teacher.placement == "zero3" and self.dist.num_workers < 2:
+            raise ConfigError("teacher.placement='zero3' needs dist.num_workers >= 2 to partition "
+                              f"the teacher (got {self.dist.num_workers}); use 'replicated'")
+        if is_remote(self.run.storage) and not self.tracking.uri:
+            raise ConfigError(f"run.storage={self.run.storage!r} is remote, so the default MLflow "
+                              "store (a SQLite file in the run folder) has nowhere to live: set "
+                              "tracking.uri (e.g. http://mlflow:5000), or $MLFLOW_TRACKING_URI "
+                              "where the config is loaded")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        """Plain nested dict (lists, no tuples) under the YAML key names."""
+        return self.model_dump(mode="json", by_alias=True)
 
     def flat(self) -> dict[str, Any]:
         """``{"model.hidden": 384, ...}``: the form MLflow params and overrides use."""
@@ -222,109 +303,11 @@ class Config:
             self.loss.kd != "off" or self.loss.targets == "soft")
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.branches": ("dual", "inheritance", "exploration"),
-    "loss.kd": ("dynamic", "static", "off"),
-    "loss.targets": ("soft", "hard"),
-    "optim.name": ("bert_adam", "adamw"),
-    "teacher.placement": ("replicated", "zero3", "precomputed"),
-    "dist.precision": ("fp32", "bf16"),
-    "dist.placement_strategy": ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
-    "run.resume": ("auto", "never", "must"),
-    "data.resident": ("auto", "on", "off"),
-}
-
-# (key, low, high, inclusive-low): numeric ranges checked by `validate`.
-RANGES: list[tuple[str, float, float, bool]] = [
-    ("model.video_dim", 1, float("inf"), True),
-    ("model.query_dim", 1, float("inf"), True),
-    ("model.hidden", 1, float("inf"), True),
-    ("model.heads", 1, float("inf"), True),
-    ("model.max_frames", 1, float("inf"), True),
-    ("model.max_words", 1, float("inf"), True),
-    ("model.input_drop", 0, 1, True),
-    ("model.drop", 0, 1, True),
-    ("model.inh_weight", 0, 1, True),
-    ("loss.margin", 0, float("inf"), True),
-    ("loss.hard_pool", 1, float("inf"), True),
-    ("loss.hard_negative_start_epoch", 0, float("inf"), True),
-    ("loss.nce_weight", 0, float("inf"), True),
-    ("loss.kd_temp", 0, float("inf"), False),
-    ("loss.kd_static_weight", 0, float("inf"), True),
-    ("loss.kd_weight", 0, float("inf"), True),
-    ("loss.kd_exp_base", 0, 1, False),
-    ("loss.kd_linear_slope", 0, float("inf"), True),
-    ("loss.kd_linear_floor", 0, 1, True),
-    ("loss.kd_sigmoid_k", 0, float("inf"), False),
-    ("loss.kd_exp_up_min", 0, 1, True),
-    ("loss.soft_sigma_k", 0, float("inf"), False),
-    ("loss.soft_sigma_tau", 0, float("inf"), False),
-    ("loss.soft_scale", 0, 1, True),
-    ("loss.soft_beta_floor", 0, 1, True),
-    ("loss.schedule_epochs", 0, float("inf"), True),
-    ("optim.lr", 0, 1, False),
-    ("optim.eps", 0, 1, False),
-    ("optim.weight_decay", 0, 1, True),
-    ("optim.warmup", 0, 1, True),
-    ("optim.grad_clip", 0, float("inf"), True),
-    ("data.batch_videos", 1, float("inf"), True),
-    ("data.steps_per_epoch", 0, float("inf"), True),
-    ("data.loader_workers", 0, 64, True),
-    ("data.shuffle_buffer", 0, float("inf"), True),
-    ("data.max_bad_fraction", 0, 1, True),
-    ("data.eval_batch_videos", 1, float("inf"), True),
-    ("data.resident_max_mb", 0, float("inf"), True),
-    ("teacher.cache_mem_mb", 0, float("inf"), True),
-    ("teacher.image_batch", 1, float("inf"), True),
-    ("train.epochs", 1, float("inf"), True),
-    ("train.early_stop", 0, float("inf"), True),
-    ("train.eval_every", 0, float("inf"), True),
-    ("train.ckpt_every", 0, float("inf"), True),
-    ("train.log_every", 1, float("inf"), True),
-    ("train.max_eval_queries", 0, float("inf"), True),
-    ("train.stop_grace_s", 0, float("inf"), False),
-    ("dist.num_workers", 1, 4096, True),
-    ("dist.cpus_per_worker", 0, 1024, True),
-    ("dist.zero_stage", 0, 3, True),
-    ("dist.grad_accum", 1, 4096, True),
-    ("dist.max_failures", -1, float("inf"), True),
-    ("dist.timeout_s", 1, float("inf"), True),
-]
-
-
-def validate(cfg: Config) -> None:
-    """Check types, choices, ranges and cross-field rules; raise ConfigError naming the key."""
-    _check_types(cfg, "")
-    flat = cfg.flat()
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            raise ConfigError(f"{key}={flat[key]!r} is not allowed; choose one of {list(allowed)}")
-    for key, low, high, inclusive in RANGES:
-        value = flat[key]
-        ok = (value >= low if inclusive else value > low) and value <= high
-        if not ok:
-            bracket = "[" if inclusive else "("
-            raise ConfigError(f"{key}={value!r} is out of range; allowed {bracket}{low}, {high}]")
-    from trainer.schedules import KD_SHAPES  # local: schedules imports nothing of ours
-
-    if cfg.loss.kd_schedule not in KD_SHAPES:
-        raise ConfigError(f"loss.kd_schedule={cfg.loss.kd_schedule!r} is not a schedule; "
-                          f"choose one of {sorted(KD_SHAPES)}")
-    if cfg.model.hidden % cfg.model.heads:
-        raise ConfigError(f"model.hidden={cfg.model.hidden} must be divisible by "
-                          f"model.heads={cfg.model.heads}")
-    if cfg.teacher.placement == "zero3" and cfg.dist.num_workers < 2:
-        raise ConfigError("teacher.placement='zero3' needs dist.num_workers >= 2 to partition "
-                          f"the teacher (got {cfg.dist.num_workers}); use 'replicated'")
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
-    if is_remote(cfg.run.storage) and not cfg.tracking.uri:
-        raise ConfigError(f"run.storage={cfg.run.storage!r} is remote, so the default MLflow store "
-                          "(a SQLite file in the run folder) has nowhere to live: set tracking.uri "
-                          "(e.g. http://mlflow:5000), or $MLFLOW_TRACKING_URI where the config "
-                          "is loaded")
-    if not cfg.run.name or "/" in cfg.run.name:
-        raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+def fields_by_key() -> dict[str, FieldInfo]:
+    """Every dotted key -> its Field (annotation, default, bounds in metadata, description)."""
+    return {f"{section}.{info.alias or name}": info
+            for section, body in Config.model_fields.items()
+            for name, info in body.annotation.model_fields.items()}
 
 
 # What a relaunch of an existing run (same run.name) may change: length, evaluation, logging,
@@ -354,56 +337,50 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any]
     return allowed, refused
 
 
-def _check_types(obj: Any, prefix: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        key = f"{prefix}{f.name}"
-        value = getattr(obj, f.name)
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, hint):
-                raise ConfigError(f"{key} must be a section (mapping), got {value!r}")
-            _check_types(value, key + ".")
-            continue
-        coerced = _coerce(key, value, hint)
-        setattr(obj, f.name, coerced)
+# pydantic error type -> what the value must be.
+_MUST = {"bool_type": "must be true or false", "int_type": "must be an integer",
+         "int_parsing": "must be an integer", "int_from_float": "must be an integer",
+         "float_type": "must be a number", "float_parsing": "must be a number",
+         "string_type": "must be a string", "model_type": "must be a section (mapping)"}
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list, e.g. [0.9, 0.999]")
-        args = typing.get_args(hint)
-        return tuple(_coerce(f"{key}[{i}]", v, args[min(i, len(args) - 1)])
-                     for i, v in enumerate(value))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}={value!r} must be an integer")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}={value!r} must be a number")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}={value!r} must be a string")
-    return value
+def _config_error(err: ValidationError, prefix: tuple[str, ...] = ()) -> ConfigError:
+    """pydantic's errors as one ConfigError: per problem, the dotted key, the value and what is
+    allowed (cross-field rules raise ConfigError themselves)."""
+    problems = []
+    for e in err.errors():
+        cause = (e.get("ctx") or {}).get("error")
+        key = ".".join(str(p) for p in prefix + tuple(e["loc"]))
+        if isinstance(cause, ConfigError):
+            problems.append(str(cause))
+        elif e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, [*Config.model_fields, *fields_by_key()], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown config {'key' if '.' in key else 'section'} {key!r}{hint}")
+        elif e["type"] == "literal_error":
+            choices = list(get_args(fields_by_key()[key].annotation))
+            problems.append(f"{key}={e['input']!r} is not allowed; choose one of {choices}")
+        elif e["type"] in _RANGE_ERRORS:
+            problems.append(f"{key}={e['input']!r} is out of range; allowed "
+                            f"{_interval(fields_by_key()[key])}")
+        else:
+            problems.append(f"{key}={e['input']!r} {_MUST.get(e['type'], e['msg'])}")
+    return ConfigError("; ".join(problems))
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+def _interval(info: FieldInfo) -> str:
+    low, high = "(-inf", "inf)"
+    for bound in info.metadata:
+        if isinstance(bound, Ge):
+            low = f"[{bound.ge}"
+        elif isinstance(bound, Gt):
+            low = f"({bound.gt}"
+        elif isinstance(bound, Le):
+            high = f"{bound.le}]"
+        elif isinstance(bound, Lt):
+            high = f"{bound.lt})"
+    return f"{low}, {high}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -417,58 +394,37 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value: a Python/YAML literal where it parses, else the string itself."""
+    """A command-line value, read as YAML like a file's value (:class:`Loader`); an empty value
+    is the empty string, and text that is not YAML stays itself."""
+    if not text.strip():
+        return text
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        pass
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("null", "none", "~"):
-        return None
-    return text
+        return yaml.load(text, Loader=Loader)
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict; an unknown section or key is an error naming it."""
-    known = Config().flat()
+    """Set dotted keys in a nested dict; unknown keys are refused when the tree is validated."""
     for key, value in overrides.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
         node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        *sections, name = key.split(".")
+        for part in sections:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part!r} is not a section")
-        node[parts[-1]] = value
+        node[name] = value
     return tree
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
-    """Build and validate a Config from a nested dict (YAML), rejecting unknown keys."""
-    if not isinstance(tree, dict):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(tree).__name__}")
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    kwargs = {}
-    for name, body in tree.items():
-        if name not in sections:
-            raise ConfigError(f"unknown config section {name!r}; sections are {sorted(sections)}")
-        if body is None:
-            continue
-        if not isinstance(body, dict):
-            raise ConfigError(f"{name} must be a mapping, got {body!r}")
-        cls = typing.get_type_hints(Config)[name]
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        for key in body:
-            if key not in allowed:
-                raise ConfigError(f"unknown config key {name}.{key}; keys of {name} are "
-                                  f"{sorted(allowed)}")
-        kwargs[name] = cls(**body)
-    return Config(**kwargs)
+    """Build and validate a Config from a nested dict (YAML, or the validated config a worker or
+    trial receives); it reads no environment, so a worker rebuilds exactly the driver's config."""
+    if not isinstance(tree, dict) or not all(isinstance(k, str) for k in tree):
+        raise ConfigError(f"a config must be a mapping of sections, got {tree!r}")
+    return Config(**tree)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -476,7 +432,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=Loader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -491,7 +447,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
                 ) -> Config:
     """YAML file (optional) + ``key.sub=value`` overrides + this process's environment
-    (:func:`resolve_environment`) -> validated Config."""
+    (:func:`resolve_environment`) -> validated Config. The only reader of the environment: call
+    it where a config enters (CLI, launcher); workers and trials get :func:`from_dict`."""
     tree = load_yaml(path) if path else {}
     tree.pop("sweep", None)  # a sweep file's search space is read by launch.sweep
     return from_dict(resolve_environment(apply_overrides(tree, parse_overrides(overrides or []))))

@@ -46,12 +46,15 @@ def ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
 
 def build_engine(cfg: Config, model: nn.Module, total_steps: int, world_size: int,
                  use_deepspeed: bool = True):
-    optimizer = build_optimizer(model, cfg.optim, per_tensor_clip=per_tensor_clip(cfg))
+    # Without DeepSpeed the optimizer always sees the real float32 tensors.
+    optimizer = build_optimizer(model, cfg.optim,
+                                per_tensor_clip=per_tensor_clip(cfg) or not use_deepspeed)
     # The schedule advances once per optimizer step, i.e. per grad_accum micro-steps.
     scheduler = build_scheduler(optimizer, max(total_steps // cfg.dist.grad_accum, 1),
                                 cfg.optim.warmup)
     if not use_deepspeed:
-        return PlainEngine(model, optimizer, scheduler, cfg.dist.grad_accum)
+        return PlainEngine(model, optimizer, scheduler, cfg.dist.grad_accum,
+                           autocast=torch.bfloat16 if cfg.dist.precision == "bf16" else None)
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -62,17 +65,28 @@ def build_engine(cfg: Config, model: nn.Module, total_steps: int, world_size: in
 
 
 class PlainEngine:
-    """DeepSpeed's engine interface over a plain module, optimizer and scheduler."""
+    """DeepSpeed's engine interface over a plain module, optimizer and scheduler.
 
-    def __init__(self, module: nn.Module, optimizer, lr_scheduler, grad_accum: int = 1):
+    ``autocast=torch.bfloat16`` (``dist.precision=bf16``) runs the forward under autocast:
+    weights, gradients and optimizer state stay float32 and the matrix products run in bf16,
+    where DeepSpeed's bf16 instead holds the module itself in bf16.
+    """
+
+    def __init__(self, module: nn.Module, optimizer, lr_scheduler, grad_accum: int = 1,
+                 autocast: torch.dtype | None = None):
         self.module = module
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.grad_accum = grad_accum
+        self.autocast = autocast
         self.micro_steps = 0
 
     def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        if self.autocast is None:
+            return self.module(*args, **kwargs)
+        device = next(self.module.parameters()).device.type
+        with torch.autocast(device, dtype=self.autocast):
+            return self.module(*args, **kwargs)
 
     def train(self, mode: bool = True):
         self.module.train(mode)

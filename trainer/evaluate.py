@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from trainer.checkpoint import CheckpointError, load_weights_only
-from trainer.config import load_config
+from trainer.config import from_dict, load_yaml
 from trainer.metrics import build_gallery, evaluate
 from trainer.student import DualStudent
 
@@ -21,7 +21,7 @@ def load_student(folder: str | Path) -> tuple[DualStudent, object]:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: pass a run's best/ folder "
                                     "(<run.storage>/<run.name>/best)")
-    cfg = load_config(config)
+    cfg = from_dict(load_yaml(config))  # a saved, resolved config: no environment applied
     student = DualStudent(cfg.model)
     state = load_weights_only(weights, map_location="cpu")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -90,7 +90,10 @@ class Recipe:
         self.started = time.perf_counter()
         self.dist = dist.init(cfg.dist.use_gpu, cfg.dist.timeout_s, self.device_hint)
         self.device = self.dist.device
-        self.dtype = torch.bfloat16 if cfg.dist.precision == "bf16" else torch.float32
+        # The student's input dtype: DeepSpeed's bf16 holds the module in bf16; without DeepSpeed
+        # bf16 is autocast over float32 weights (trainer/engine.PlainEngine).
+        self.dtype = torch.bfloat16 if cfg.dist.precision == "bf16" and self.use_deepspeed \
+            else torch.float32
         _seed_everything(cfg.train.seed + self.dist.rank, cfg.train.deterministic)
         # On the device, so the loss's random draws need no host-to-device copy.
         self.generator = torch.Generator(device=self.device).manual_seed(

@@ -6,6 +6,7 @@ loss, KD and evaluation; the raw dot max U drives InfoNCE.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from sharding.batch import Batch
 from trainer.config import ModelConfig
+from trainer.dropout import Dropout
 from trainer.losses import PAD_SCORE, BranchScores
 
 BRANCHES: dict[str, tuple[str, ...]] = {
@@ -37,7 +39,7 @@ class _InputLayer(nn.Module):
         self.proj = nn.Linear(in_dim, hidden)
         self.pos = nn.Embedding(positions, hidden)
         self.pos_norm = nn.LayerNorm(hidden)
-        self.drop = nn.Dropout(drop)
+        self.drop = Dropout(drop)
 
     def forward(self, x: _Packed) -> Tensor:
         rows = F.relu(self.proj(self.drop(self.in_norm(x.rows))))
@@ -77,7 +79,7 @@ class _SelfAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.p = drop
-        self.drop = nn.Dropout(drop)
+        self.drop = Dropout(drop)
 
     def _split(self, x: Tensor) -> Tensor:
         n, length, d = x.shape
@@ -120,7 +122,11 @@ def branch_scores(q: Tensor, v: Tensor, video_mask: Tensor) -> BranchScores:
     (Q, B, L) product serves both scores.
     """
     q, v = q.float(), v.float()
-    dots = torch.einsum("qd,bld->qbl", q, v)
+    # Under bf16 autocast (trainer/engine.PlainEngine) the product would run in bf16 again.
+    kind = q.device.type
+    off = torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else nullcontext()
+    with off:
+        dots = torch.einsum("qd,bld->qbl", q, v)
     q_norm = q.norm(dim=-1).clamp_min(1e-12)
     v_norm = v.norm(dim=-1).clamp_min(1e-12)
     pad = (video_mask == 0)[None]

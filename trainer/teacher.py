@@ -129,18 +129,18 @@ class WeightSource:
 
 def register_model_config(cfg: TeacherConfig) -> None:
     """Register ``teacher.model_config`` (an open_clip JSON config) under ``teacher.arch``."""
-    path = Path(cfg.model_config)
+    path = Path(cfg.arch_config)
     if not path.is_file():
-        raise TeacherError(f"teacher.model_config={cfg.model_config!r} does not exist; give the "
+        raise TeacherError(f"teacher.model_config={cfg.arch_config!r} does not exist; give the "
                            f"path of an open_clip JSON model config (see configs/teacher-tiny.json)")
     try:
         body = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise TeacherError(f"teacher.model_config={cfg.model_config!r} is not valid JSON: {err}"
+        raise TeacherError(f"teacher.model_config={cfg.arch_config!r} is not valid JSON: {err}"
                            ) from None
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in body]
     if missing:
-        raise TeacherError(f"teacher.model_config={cfg.model_config!r} lacks {missing}: an open_clip "
+        raise TeacherError(f"teacher.model_config={cfg.arch_config!r} lacks {missing}: an open_clip "
                            f"model config needs embed_dim, vision_cfg and text_cfg")
     if path.stem != cfg.arch:
         raise TeacherError(f"open_clip registers {path.name} as architecture {path.stem!r}, but "
@@ -152,7 +152,7 @@ def register_model_config(cfg: TeacherConfig) -> None:
 
 def resolve_weights(cfg: TeacherConfig, download: bool = True) -> WeightSource:
     """Check arch and weights settings and say what to build; download only when asked."""
-    if cfg.model_config:
+    if cfg.arch_config:
         register_model_config(cfg)
     pretrained = cfg.pretrained
     if pretrained.startswith(HF_HUB):

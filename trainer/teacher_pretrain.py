@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import trainer.compat  # noqa: F401  (must precede open_clip)
 
-import dataclasses
-import io
-import json
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -22,10 +19,11 @@ import numpy as np
 import open_clip
 import torch
 import webdataset as wds
-from PIL import Image
 
 from sharding.batch import VideoSample, collate
 from sharding.files import atomic_path
+from sharding.images import decode_jpeg
+from sharding.writer import IMAGE_TEXT, load_manifest
 from trainer.config import Config, TeacherConfig
 from trainer.metrics import encoded_from_embeddings, rank_counts, rank_metrics
 from trainer.teacher import Teacher, TeacherError, build_teacher, preprocess_frames
@@ -35,22 +33,15 @@ TINY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "teacher-
 
 
 def shard_urls(shards: str) -> list[str]:
-    """A folder with manifest.json (or just *.tar files), or a WebDataset brace pattern."""
-    path = Path(shards)
-    if path.is_dir():
-        manifest = path / "manifest.json"
-        if manifest.is_file():
-            names = [s["name"] for s in json.loads(manifest.read_text())["shards"]]
-            missing = [n for n in names if not (path / n).is_file()]
-            if missing:
-                raise TeacherError(f"{manifest} lists shards that are missing: {missing[:5]}; "
-                                   f"rewrite the pretraining split")
-            return [str(path / n) for n in names]
-        urls = sorted(str(p) for p in path.glob("*.tar"))
-        if not urls:
-            raise TeacherError(f"no manifest.json and no .tar shards in {path}; write the split "
-                               f"with `dldkd shard synthetic`")
-        return urls
+    """An image-text split's folder (its manifest.json lists the shards), or a WebDataset brace
+    pattern."""
+    if Path(shards).is_dir():
+        manifest = load_manifest(shards, kind=IMAGE_TEXT)
+        missing = [u for u in manifest.urls() if not Path(u).is_file()]
+        if missing:
+            raise TeacherError(f"{Path(shards) / 'manifest.json'} lists shards that are missing: "
+                               f"{missing[:5]}; rewrite the pretraining split")
+        return manifest.urls()
     urls = list(wds.shardlists.expand_urls(shards))
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
@@ -66,7 +57,10 @@ def _decode(sample: dict) -> tuple[np.ndarray, str]:
     if "jpg" not in sample or "txt" not in sample:
         raise TeacherError(f"sample {key} in {sample.get('__url__', '?')} needs {key}.jpg and "
                            f"{key}.txt, has {sorted(k for k in sample if not k.startswith('__'))}")
-    img = np.array(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+    try:
+        img = decode_jpeg(sample["jpg"])
+    except ValueError as e:
+        raise TeacherError(f"sample {key} in {sample.get('__url__', '?')}: {key}.jpg {e}") from e
     return img, sample["txt"].decode("utf-8").strip()
 
 
@@ -179,6 +173,6 @@ def zero_shot_eval_split(cfg: Config, split: str, device: str | torch.device = "
 
     teacher_cfg = cfg.teacher
     if teacher_cfg.placement == "zero3":
-        teacher_cfg = dataclasses.replace(teacher_cfg, placement="replicated")
+        teacher_cfg = teacher_cfg.model_copy(update={"placement": "replicated"})
     samples = read_all(split, cfg.data.max_bad_fraction)
     return zero_shot_eval(build_teacher(teacher_cfg, device), samples)

@@ -171,6 +171,33 @@ def test_rerun_resumes_and_parallel_decoding_writes_the_same_shards(tmp_path, mo
     assert sha256_file(shards[1]) == sha256_file(tmp_path / "serial" / shards[1].name)
 
 
+def test_other_options_are_refused_unless_overwrite(tmp_path, capsys):
+    from launch.cli import main
+    from sharding.writer import load_manifest
+
+    write_source(tmp_path / "src", {"a": 4})
+    (tmp_path / "videos").mkdir()
+    write_video(tmp_path / "videos" / "a.mp4")
+    out = tmp_path / "out"
+    args = ["shard", "frames", "--videos", str(tmp_path / "videos"), "--shards",
+            str(tmp_path / "src"), "--out", str(out), "--workers", "1"]
+    assert main(args + ["--size", "32"]) == 0
+    first = {p.name: sha256_file(p) for p in out.glob("*.tar")}
+    capsys.readouterr()
+
+    assert main(args + ["--size", "48"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "frames.size: 32 on disk, 48 now" in err and "--overwrite" in err
+    assert {p.name: sha256_file(p) for p in out.glob("*.tar")} == first
+
+    assert main(args + ["--size", "48", "--overwrite"]) == 0
+    s, = read_all(str(out))
+    assert s.teacher_frames.shape[1:] == (48, 48, 3)
+    generator = load_manifest(out).generator
+    assert generator["frames"]["size"] == 48
+    assert generator["source"] == load_manifest(tmp_path / "src").generator
+
+
 def test_bad_arguments_name_the_fix(tmp_path):
     write_source(tmp_path / "src", {"a": 4})
     with pytest.raises(ValueError, match="must differ"):

@@ -3,21 +3,19 @@ folder: the same generator resumes, another one is refused naming the folder, th
 values and the fix, and ``overwrite`` rewrites the whole split."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from launch.cli import main
 from sharding.msssl import convert
 from sharding.reader import read_all
-from sharding.synthetic import build_world
+from sharding.synthetic import World, build_world, write_pretrain
 from sharding.writer import ManifestError, load_manifest, write_split
 from tests.integration.test_reader import DIMS, _ids, _video
 from tests.release_fixture import make_release
 
 
 def _shas(folder) -> dict[str, str]:
-    return {s.name: s.sha256 for s in load_manifest(folder).shards}
+    return {s.name: s.sha256 for s in load_manifest(folder, kind=None).shards}
 
 
 def test_write_split_reuses_only_shards_of_the_same_generator(tmp_path):
@@ -75,10 +73,24 @@ def test_shard_synthetic_with_a_new_seed_is_refused(tmp_path, capsys):
     assert main(args + ["--seed", "1", "--overwrite"]) == 0
     fresh = build_world(tmp_path / "fresh", videos=8, eval_videos=4, pretrain_pairs=4, seed=1,
                         videos_per_shard=4, progress=False)
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "pretrain"):
         assert _shas(out / split) == _shas(tmp_path / "fresh" / split), split
-        assert load_manifest(out / split).generator == fresh[split].generator
-    assert json.loads((out / "pretrain" / "manifest.json").read_text())["seed"] == 1
+        assert load_manifest(out / split, kind=None).generator == fresh[split].generator
+    assert fresh["pretrain"].generator["seed"] == 1
+
+
+def test_pretraining_split_of_another_world_is_refused(tmp_path):
+    write_pretrain(tmp_path, World(0), pairs=6, pairs_per_shard=4, progress=False)
+    first = _shas(tmp_path)
+    write_pretrain(tmp_path, World(0), pairs=6, pairs_per_shard=4, progress=False)
+    assert _shas(tmp_path) == first
+    with pytest.raises(ManifestError, match="seed: 0 on disk, 1 now") as err:
+        write_pretrain(tmp_path, World(1), pairs=6, pairs_per_shard=4, progress=False)
+    assert str(tmp_path) in str(err.value) and "--overwrite" in str(err.value)
+    assert _shas(tmp_path) == first, "a refused run must not touch the shards"
+    m = write_pretrain(tmp_path, World(1), pairs=6, pairs_per_shard=4, progress=False,
+                       overwrite=True)
+    assert m.generator["seed"] == 1 and _shas(tmp_path) != first
 
 
 def test_msssl_convert_refuses_other_release_settings(tmp_path):

@@ -7,7 +7,6 @@ shared-memory comm op is not JIT-compiled (trainer.dist.init skips it on CPU).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -60,7 +59,7 @@ def _worker(rank: int, port: int, ckpt: str, bad_ckpt: str, cache_dir: str, out_
         cfg = TeacherConfig(arch="teacher-tiny", model_config=TINY, pretrained=ckpt,
                             image_batch=4, cache=False)
         replicated = build_teacher(cfg)
-        zero3 = build_teacher(dataclasses.replace(cfg, placement="zero3"))
+        zero3 = build_teacher(cfg.model_copy(update={"placement": "zero3"}))
         result["fraction"] = param_fraction(zero3.clip)
         result["same_identity"] = zero3.identity == replicated.identity
         # A short last batch: rank 1 has one video (2 captions, 6 frames), rank 0 three.
@@ -69,8 +68,8 @@ def _worker(rank: int, port: int, ckpt: str, bad_ckpt: str, cache_dir: str, out_
         result["tau_err"] = (a.tau - b.tau).abs().max().item()
         result["T_err"] = (a.T - b.T).abs().max().item()
         # Cached frames: rank 1 sees its batch again (no image to encode), rank 0 a new one.
-        cached = build_teacher(dataclasses.replace(cfg, placement="zero3", cache=True,
-                                                   cache_dir=cache_dir))
+        cached = build_teacher(cfg.model_copy(update={"placement": "zero3", "cache": True,
+                                                     "cache_dir": cache_dir}))
         cached.targets(batch)
         again = batch if rank == 1 else _batch(rank, 2, seed=1)
         c, d = cached.targets(again), replicated.targets(again)
@@ -79,7 +78,7 @@ def _worker(rank: int, port: int, ckpt: str, bad_ckpt: str, cache_dir: str, out_
         result["cached_hits"] = cached.cache.stats.hits
         result["calls"] = [zero3.calls, cached.calls]
         try:
-            build_teacher(dataclasses.replace(cfg, placement="zero3", pretrained=bad_ckpt))
+            build_teacher(cfg.model_copy(update={"placement": "zero3", "pretrained": bad_ckpt}))
             result["bad"] = "no error"
         except TeacherError as err:
             result["bad"] = str(err)

@@ -1,9 +1,12 @@
 """One place builds and validates configs; errors name the key, the value and what is allowed."""
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from trainer.config import Config, ConfigError, load_config, save_yaml
+from trainer.config import (Config, ConfigError, LossConfig, fields_by_key, from_dict, load_config,
+                            save_yaml)
+from trainer.schedules import KD_SHAPES
 
 PRESETS = sorted(Path("configs").glob("*.yaml"))
 
@@ -51,8 +54,7 @@ def test_errors_name_key_value_and_choices(override, words):
 
 
 def test_unknown_section_and_remote_storage(monkeypatch):
-    with pytest.raises(ConfigError, match="unknown config section 'modle'"):
-        from trainer.config import from_dict
+    with pytest.raises(ConfigError, match="unknown config section 'modle'; did you mean 'model'"):
         from_dict({"modle": {}})
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match="tracking.uri"):
@@ -64,3 +66,44 @@ def test_round_trip_through_yaml(tmp_path):
     save_yaml(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert Config().flat()["model.hidden"] == 384
+
+
+def test_files_and_overrides_read_values_alike(tmp_path):
+    """YAML 1.2 scalars in both: off/on/yes/no are strings, 1e-4 is a number."""
+    path = tmp_path / "c.yaml"
+    path.write_text("loss: {kd: off}\ndata: {resident: on}\noptim: {lr: 1e-4}\n")
+    from_file = load_config(path)
+    from_cli = load_config(None, ["loss.kd=off", "data.resident=on", "optim.lr=1e-4"])
+    assert from_file == from_cli
+    assert (from_file.loss.kd, from_file.data.resident, from_file.optim.lr) == ("off", "on", 1e-4)
+    path.write_text("train: {deterministic: yes}\n")
+    for source in ((path, None), (None, ["train.deterministic=yes"])):
+        with pytest.raises(ConfigError, match="train.deterministic='yes' must be true or false"):
+            load_config(*source)
+
+
+def test_sections_built_directly_raise_config_errors():
+    with pytest.raises(ConfigError, match=r"loss.kd='maybe' is not allowed"):
+        LossConfig(kd="maybe")
+    with pytest.raises(ConfigError, match=r"model.hidden=True must be an integer"):
+        Config(model={"hidden": True})
+    with pytest.raises(ConfigError, match=r"optim.lr=0 is out of range; allowed \(0, 1\]"):
+        from_dict({"optim": {"lr": 0}})
+
+
+def test_every_key_is_described_and_rebuilt_as_is(tmp_path):
+    """A worker rebuilds the driver's config from its dict; the YAML key names survive
+    (teacher.model_config is an alias: pydantic reserves the attribute); an empty section means
+    its defaults."""
+    keys = fields_by_key()
+    assert set(keys) == set(Config().flat())
+    assert all(info.description for info in keys.values())
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\nteacher: {model_config: configs/teacher-tiny.json}\n")
+    cfg = load_config(path)
+    assert cfg.teacher.arch_config == "configs/teacher-tiny.json" and cfg.model == Config().model
+    assert from_dict(cfg.to_dict()) == cfg and "teacher.model_config" in cfg.flat()
+
+
+def test_schedule_choices_are_the_shapes():
+    assert set(get_args(fields_by_key()["loss.kd_schedule"].annotation)) == set(KD_SHAPES)

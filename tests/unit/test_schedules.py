@@ -1,5 +1,4 @@
 """The schedules: check values, the 0.1 weight on every shape, constants from config, horizon."""
-import dataclasses
 import math
 
 import pytest
@@ -12,7 +11,7 @@ PAPER = LossConfig()
 
 
 def with_(**kw) -> LossConfig:
-    return dataclasses.replace(PAPER, **kw)
+    return PAPER.model_copy(update=kw)
 
 
 @pytest.mark.parametrize("epoch, alpha, beta", [

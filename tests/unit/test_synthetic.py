@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sharding.reader import read_all
 from sharding.synthetic import (ACTIONS, COLOURS, PATTERNS, SHAPES, World, WorldConfig,
-                                build_world, caption_concepts, oracle_ranks, recall)
+                                build_world, caption_concepts, oracle_scores)
+from sharding.writer import IMAGE_TEXT, load_manifest
+from trainer.metrics import rank_metrics, ranks_from_scores
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -180,12 +183,12 @@ def test_frames_beyond_128_are_uniformly_sampled_and_moments_stay_in_original_fr
 def test_pretrain_split_is_readable_image_text(world_dir):
     import webdataset as wds
 
-    manifest = json.loads((world_dir / "pretrain" / "manifest.json").read_text())
-    assert manifest["pairs"] == 40 and manifest["kind"] == "image-text"
-    urls = [str(world_dir / "pretrain" / s["name"]) for s in manifest["shards"]]
-    for s in manifest["shards"]:
-        data = (world_dir / "pretrain" / s["name"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == s["sha256"]
+    manifest = load_manifest(world_dir / "pretrain", kind=IMAGE_TEXT)
+    assert manifest.totals["captions"] == 40 and manifest.dims == {"image_size": 32}
+    assert manifest.generator == load_manifest(world_dir / "train").generator
+    urls = manifest.urls()
+    for url, s in zip(urls, manifest.shards):
+        assert hashlib.sha256(Path(url).read_bytes()).hexdigest() == s.sha256
     pairs = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False)
                  .decode("rgb8").to_tuple("jpg", "txt"))
     assert len(pairs) == 40
@@ -202,10 +205,15 @@ def test_pretrain_split_is_readable_image_text(world_dir):
     assert named >= 30
 
 
+def _oracle_ranks(world, samples) -> torch.Tensor:
+    scores, gt = oracle_scores(world, samples)
+    return ranks_from_scores(torch.from_numpy(scores), torch.from_numpy(gt))
+
+
 def test_oracle_is_above_chance_and_far_from_perfect():
     world = World(0)
     samples = [world.sample("val", i, with_frames=False) for i in range(150)]
-    r = recall(oracle_ranks(world, samples))
+    r = rank_metrics(_oracle_ranks(world, samples))
     chance_r10 = 100 * 10 / 150
     assert 3 * chance_r10 < r["R10"] < 99
     assert 10 < r["R1"] < 60
@@ -215,5 +223,5 @@ def test_oracle_ranks_are_pessimistic_on_ties():
     world = World(0)
     s = world.sample("val", 0, with_frames=False)
     twin = dataclasses.replace(s, video_id="twin")
-    ranks = oracle_ranks(world, [s, twin])
+    ranks = _oracle_ranks(world, [s, twin])
     assert (ranks == 2).all()

@@ -175,7 +175,7 @@ def test_preprocessing_matches_open_clip(shape, mode, size):
 def test_cache_returns_fresh_embeddings_and_spills(tmp_path, batch, checkpoint):
     cfg = tiny_cfg(pretrained=str(checkpoint), cache=True, cache_mem_mb=0,
                    cache_dir=str(tmp_path))
-    fresh = build_teacher(dataclasses.replace(cfg, cache=False)).targets(batch)
+    fresh = build_teacher(cfg.model_copy(update={"cache": False})).targets(batch)
     cached = build_teacher(cfg)
     first = cached.targets(batch)
     assert cached.cache.stats.spilled == 3 and cached.cache.memory_bytes == 0
@@ -193,11 +193,11 @@ def test_cache_returns_fresh_embeddings_and_spills(tmp_path, batch, checkpoint):
 
 def test_changed_teacher_misses_the_cache(tmp_path, batch, checkpoint):
     cfg = tiny_cfg(pretrained=str(checkpoint), cache=True, cache_dir=str(tmp_path))
-    build_teacher(dataclasses.replace(cfg, cache_mem_mb=0)).targets(batch)  # spill all
+    build_teacher(cfg.model_copy(update={"cache_mem_mb": 0})).targets(batch)  # spill all
     torch.manual_seed(7)
     other_path = tmp_path / "other.pt"
     torch.save(open_clip.create_model("teacher-tiny").state_dict(), other_path)
-    other = build_teacher(dataclasses.replace(cfg, pretrained=str(other_path)))
+    other = build_teacher(cfg.model_copy(update={"pretrained": str(other_path)}))
     same = build_teacher(cfg)
     assert other.identity != same.identity and other.identity.startswith("teacher-tiny-")
     counter = CountImages(other.forward)
@@ -315,6 +315,31 @@ def test_pretraining_lowers_the_contrastive_loss(tmp_path):
     assert sorted(res["checkpoints"]) == [4, 12] and out.is_file()
     assert Path(res["checkpoints"][4]).name == "teacher-step4.pt"
     build_teacher(tiny_cfg(pretrained=str(out)))  # loads as a teacher
+
+
+def test_pretraining_shards_come_from_a_versioned_image_text_manifest(tmp_path):
+    from sharding.synthetic import World, write_pretrain
+    from sharding.writer import ManifestError, load_manifest
+    from trainer.teacher_pretrain import image_text_pairs, shard_urls
+
+    pre = tmp_path / "pre"
+    write_pretrain(pre, World(0), pairs=6, pairs_per_shard=4, progress=False)
+    urls = shard_urls(str(pre))
+    assert [Path(u).name for u in urls] == ["pretrain-000000.tar", "pretrain-000001.tar"]
+    img, text = next(image_text_pairs(urls, seed=0))
+    assert img.shape == (32, 32, 3) and img.flags.writeable and text
+
+    with pytest.raises(ManifestError, match="image-text shards, not video-text ones"):
+        load_manifest(pre)   # as the training data reader reads
+
+    manifest = pre / "manifest.json"
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: v for k, v in old.items() if k != "schema_version"}))
+    with pytest.raises(ManifestError, match=f"{manifest}.*schema_version None"):
+        shard_urls(str(pre))
+    manifest.unlink()
+    with pytest.raises(ManifestError, match=f"no shard manifest at {manifest}.*--shards"):
+        shard_urls(str(pre))
 
 
 def test_zero_shot_eval_matches_a_plain_ranking(teacher):

@@ -468,7 +468,7 @@ def test_teacher_parameter_count_matches_a_built_model(good):
     import open_clip
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", good)
-    open_clip.add_model_config(cfg.teacher.model_config)
+    open_clip.add_model_config(cfg.teacher.arch_config)
     built = open_clip.create_model(cfg.teacher.arch, pretrained=None, load_weights=False)
     assert teacher_param_count(cfg) == sum(p.numel() for p in built.parameters())
 

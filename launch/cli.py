@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--image-size", type=int, default=32, help="teacher frame size, pixels")
     syn.add_argument("--video-dim", type=int, default=128, help="student frame feature dim")
     syn.add_argument("--query-dim", type=int, default=64, help="caption token feature dim")
+    syn.add_argument("--token-noise", type=float, default=0.35,
+                     help="norm of the noise on each caption token's features (harder queries)")
+    syn.add_argument("--frame-noise", type=float, default=1.2,
+                     help="norm of the noise on each frame's features (harder videos)")
     syn.add_argument("--overwrite", action="store_true", help="rewrite every split when "
                      "--out holds a world of another seed or settings (refused otherwise, so a "
                      "split never mixes two worlds)")

@@ -23,7 +23,8 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
     world = WorldConfig(video_dim=args.video_dim, query_dim=args.query_dim,
                         image_size=args.image_size, min_frames=args.min_frames,
-                        max_frames=args.max_frames)
+                        max_frames=args.max_frames, token_noise=args.token_noise,
+                        frame_noise=args.frame_noise)
     out = build_world(args.out, videos=args.videos, eval_videos=args.eval_videos, seed=args.seed,
                       pretrain_pairs=args.pretrain_pairs, cfg=world,
                       videos_per_shard=args.videos_per_shard, overwrite=args.overwrite)

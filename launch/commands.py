@@ -19,7 +19,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
         return 0
     if args.source == "frames":
         return _shard_frames(args)
-    from sharding.synthetic import WorldConfig, build_world
+    from sharding.synthetic import World, WorldConfig, build_world
 
     world = WorldConfig(video_dim=args.video_dim, query_dim=args.query_dim,
                         image_size=args.image_size, min_frames=args.min_frames,
@@ -30,7 +30,26 @@ def cmd_shard(args: argparse.Namespace) -> int:
                       videos_per_shard=args.videos_per_shard, overwrite=args.overwrite)
     for split in out:
         print(f"{split}: {Path(args.out) / split}")
+    for split in ("val", "test"):
+        print(f"{split}: {_world_bounds(World(args.seed, world), Path(args.out) / split)}")
     return 0
+
+
+def _world_bounds(world, split: Path) -> str:
+    """Where a trained student can land on a split: the training-free concept oracle (it knows
+    the concepts, not the noise) and chance (a random ranking of the split's videos)."""
+    import torch
+
+    from sharding.reader import read_all
+    from sharding.synthetic import oracle_scores
+    from trainer.metrics import rank_metrics, ranks_from_scores
+
+    scores, gt = oracle_scores(world, read_all(str(split), teacher_frames=False))
+    oracle = rank_metrics(ranks_from_scores(torch.from_numpy(scores), torch.from_numpy(gt)))
+    n = scores.shape[1]
+    chance = sum(100 * min(k, n) / n for k in (1, 5, 10, 100))
+    return (f"concept oracle SumR {oracle['SumR']:.1f} (R1 {oracle['R1']:.1f}, R100 "
+            f"{oracle['R100']:.1f}), chance SumR {chance:.1f} over {n} videos")
 
 
 def _shard_frames(args: argparse.Namespace) -> int:

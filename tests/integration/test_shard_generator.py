@@ -62,7 +62,10 @@ def test_shard_synthetic_with_a_new_seed_is_refused(tmp_path, capsys):
             "--pretrain-pairs", "4", "--videos-per-shard", "4"]
     assert main(args + ["--seed", "0"]) == 0
     seed0 = _shas(out / "train")
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    # Where a student can land: the concept oracle and chance on 4 videos (every R@k>=5 is 100).
+    assert "test: concept oracle SumR" in printed
+    assert "chance SumR 325.0 over 4 videos" in printed
 
     assert main(args + ["--seed", "1"]) == 2
     err = capsys.readouterr().err

@@ -46,3 +46,60 @@ def test_two_node_cluster(world, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_losing_a_node_mid_run_finishes_on_the_remaining_one(world, tmp_path):
+    """Kill one node's raylet and workers mid-run: Ray Train restarts the worker group on the
+    node that is left (dist.max_failures), the run resumes from its last checkpoint and ends;
+    MLflow holds one run and every step's loss (steps redone after the checkpoint are logged
+    again, none is missing)."""
+    import threading
+    import time
+
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray.cluster_utils import Cluster
+
+    from launch.train import build_trainer
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 3, "node_ip_address": "127.0.0.1"})
+    doomed = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
+    steps, epochs = 6, 3
+    try:
+        ray.init(address=cluster.address)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        cfg = load_config("configs/tiny.yaml", tiny_overrides(
+            world, tmp_path, "lost", **{"train.epochs": epochs, "data.steps_per_epoch": steps,
+                                        "dist.num_workers": 2, "dist.cpus_per_worker": 1,
+                                        "dist.placement_strategy": "SPREAD",
+                                        "dist.max_failures": 2, "tracking.uri": uri,
+                                        "loss.kd": "off", "loss.targets": "hard"}))
+        outcome = {}
+        fit = threading.Thread(target=lambda: outcome.update(result=build_trainer(cfg).fit()))
+        fit.start()
+        client, killed_at = MlflowClient(uri), None
+        deadline = time.monotonic() + 300
+        while fit.is_alive() and time.monotonic() < deadline and killed_at is None:
+            time.sleep(0.2)
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                "tags.`dldkd.run_key` = 'lost'") if client.search_experiments() else []
+            logged = [m.step for r in runs
+                      for m in client.get_metric_history(r.info.run_id, "train/loss")]
+            if logged and max(logged) > steps:        # past the first epoch's checkpoint
+                cluster.remove_node(doomed, allow_graceful=False)
+                killed_at = max(logged)
+        fit.join(timeout=600)
+        assert killed_at is not None and killed_at < steps * epochs, "the node died too late"
+        result = outcome["result"]
+        assert result.error is None
+        assert len(ray.nodes()) == 2 and sum(n["Alive"] for n in ray.nodes()) == 1
+        exp = client.get_experiment_by_name("dldkd")
+        (run,) = client.search_runs([exp.experiment_id], "tags.`dldkd.run_key` = 'lost'")
+        logged = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+        assert logged == set(range(1, steps * epochs + 1))
+        assert run.info.status == "FINISHED"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

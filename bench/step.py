@@ -10,7 +10,13 @@ the attention and the score products) is then timed alone on random tensors of t
 in the same process. ``ours_over_floor`` is our step time over that sum: what the rest of the
 step (element-wise ops, the optimizer, Python) costs on top of the unavoidable products.
 
-Run: ``python -m bench.step [--steps N]``; prints one JSON object on its last line.
+Options, each its own row: ``--bf16`` times ours under CPU bf16 autocast (as
+``dist.precision=bf16`` runs without DeepSpeed; ``bf16_ms``, and its loss in ``bf16_loss``);
+``--compile`` times ours with the input and attention blocks under ``torch.compile``
+(``compiled_ms``, and ``compile_s``: the first call, compilation included).
+
+Run: ``python -m bench.step [--steps N] [--bf16] [--compile]``; prints one JSON object on its
+last line.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from trainer.config import LossConfig, ModelConfig, OptimConfig
 from trainer.losses import PAD_SCORE, TeacherTargets, total_loss
 from trainer.optim import build_optimizer
 from trainer.schedules import loss_weights
-from trainer.student import DualStudent
+from trainer.student import DualStudent, _InputLayer, _SelfAttention
 
 EPOCH = 40  # alpha = 0.675: both the hard and the soft parts of soft_nce are live
 
@@ -103,6 +109,8 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=32)
     parser.add_argument("--captions", type=int, default=5)
     parser.add_argument("--frames", type=int, default=128)
+    parser.add_argument("--bf16", action="store_true", help="add the bf16-autocast row")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile row")
     args = parser.parse_args()
 
     mcfg = ModelConfig(video_dim=3072, query_dim=768, hidden=384)  # TVR dims, dropout 0.2
@@ -115,14 +123,29 @@ def main() -> None:
     batch = make_batch(args.videos, args.captions, args.frames, 3072, 768, seed=1)
     teacher = make_teacher(batch, seed=2)
 
+    extra = {}   # side -> (model, optimizer, autocast dtype or None)
+    if args.bf16:
+        bf16_model = copy.deepcopy(ours_model)
+        extra["bf16"] = (bf16_model, build_optimizer(bf16_model, OptimConfig()), torch.bfloat16)
+    if args.compile:
+        compiled = copy.deepcopy(ours_model)
+        for module in compiled.modules():
+            if isinstance(module, (_InputLayer, _SelfAttention)):
+                module.compile()   # in place: the state dict keeps its keys
+        extra["compiled"] = (compiled, build_optimizer(compiled, OptimConfig()), None)
+
     def run(side: str, k: int) -> float:
         torch.manual_seed(100 + k)
         gen = torch.Generator().manual_seed(200 + k)
         t0 = time.perf_counter()
         if side == "ours":
             ours_step(ours_model, ours_opt, batch, teacher, lcfg, gen)
-        else:
+        elif side == "base":
             reference_losses.step(base_model, base_opt, batch, teacher, lcfg, EPOCH, gen)
+        else:
+            model, opt, dtype = extra[side]
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                losses[side] = ours_step(model, opt, batch, teacher, lcfg, gen)
         return (time.perf_counter() - t0) * 1e3
 
     # Same weights, inputs and draws; dropout off (its masks are drawn in a different order on
@@ -138,13 +161,27 @@ def main() -> None:
     assert diff <= 1e-5 * max(1.0, abs(base_loss.item())), (ours_loss.item(), base_loss.item())
     ours_model.train()
     base_model.train()
+    losses: dict[str, float] = {}
     run("ours", 0)  # warm-up
     run("base", 0)
+    rows = {side: round(run(side, 0) / 1e3, 1) for side in extra}   # compilation included
     ours_ms, base_ms = [], []
-    for k in range(1, args.steps + 1):  # interleaved so machine noise hits both sides alike
+    extra_ms: dict[str, list[float]] = {side: [] for side in extra}
+    for k in range(1, args.steps + 1):  # interleaved so machine noise hits every side alike
         ours_ms.append(run("ours", k))
         base_ms.append(run("base", k))
+        for side in extra:
+            extra_ms[side].append(run(side, k))
     ours, base = statistics.median(ours_ms), statistics.median(base_ms)
+    optional = {}
+    if args.bf16:
+        optional.update(bf16_ms=round(statistics.median(extra_ms["bf16"]), 1),
+                        bf16_over_ours=round(statistics.median(extra_ms["bf16"]) / ours, 2),
+                        bf16_loss=losses["bf16"])
+    if args.compile:
+        optional.update(compiled_ms=round(statistics.median(extra_ms["compiled"]), 1),
+                        compiled_over_ours=round(statistics.median(extra_ms["compiled"]) / ours, 2),
+                        compile_s=rows["compiled"])
     shapes = matmul_shapes(lambda: ours_step(ours_model, ours_opt, batch, teacher, lcfg,
                                              torch.Generator().manual_seed(0)))
     floor = floor_ms(shapes)
@@ -155,7 +192,8 @@ def main() -> None:
                       "ours_over_floor": round(ours / floor, 2), "floor_matmuls": len(shapes),
                       "floor_gflop": round(gflop, 1), "loss_abs_diff": diff,
                       "loss": ours_loss.item(), "queries": batch.num_queries,
-                      "videos": batch.num_videos, "threads": torch.get_num_threads()}))
+                      "videos": batch.num_videos, "threads": torch.get_num_threads(),
+                      **optional}))
 
 
 def _prod(shape) -> int:

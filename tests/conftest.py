@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from bench.servers import MlflowServer, free_port  # noqa: F401  (fixtures and tests use them)
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,49 +112,3 @@ def s3(s3_server, request) -> S3Store:
     return S3Store(s3_server, f"{name}-{uuid.uuid4().hex[:8]}")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store; stop and start it to fake an
-    outage (it keeps its port and its data)."""
-
-    def __init__(self, root, port: int):
-        self.root, self.port, self.proc = root, port, None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        import subprocess
-        import sys
-        import time
-        import urllib.request
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", "1", "--backend-store-uri",
-             f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
-             str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not become healthy")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            self.proc = None

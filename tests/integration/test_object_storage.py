@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from bench.servers import train_worker_pids
+
 from tests.conftest import tiny_overrides
 from trainer import storage
 from trainer.checkpoint import latest
@@ -129,13 +131,6 @@ def test_best_weights_come_back_from_storage_after_the_node_is_lost(world, s3_wo
 # ------------------------------------------------------------------------------ the whole run
 
 
-def _train_worker_pids() -> list[int]:
-    import psutil
-
-    return sorted(p.pid for p in psutil.process_iter(["cmdline"])
-                  if any("RayTrainWorker" in part for part in p.info["cmdline"] or []))
-
-
 @pytest.mark.slow
 def test_two_workers_on_object_storage_survive_a_killed_worker(world, s3_world, s3, tmp_path):
     """2 Ray Train + DeepSpeed workers read s3:// shards, checkpoint to s3:// run storage and log
@@ -161,7 +156,7 @@ def test_two_workers_on_object_storage_survive_a_killed_worker(world, s3_world, 
         deadline = time.time() + 150
         while time.time() < deadline:
             if s3.exists("runs", name, "step-00000004"):
-                workers = _train_worker_pids()
+                workers = train_worker_pids()
                 if workers:
                     os.kill(workers[-1], signal.SIGKILL)
                     killed.append(workers[-1])

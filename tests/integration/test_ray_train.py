@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from bench.servers import train_worker_pids
+
 from tests.conftest import tiny_overrides
 from trainer.config import load_config
 
@@ -88,17 +90,6 @@ def test_zero3_student_with_zero3_teacher(ray_local, world, tmp_path, tiny_teach
     assert client.get_metric_history(runs[0].info.run_id, "val/SumR")
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
-    import psutil
-
-    pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-            pids.append(proc.pid)
-    return sorted(pids)
-
-
 def test_sigkilled_worker_restarts_from_checkpoint(ray_local, world, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config("configs/tiny.yaml", tiny_overrides(
@@ -112,7 +103,7 @@ def test_sigkilled_worker_restarts_from_checkpoint(ray_local, world, tmp_path):
         deadline = time.time() + 400
         while time.time() < deadline and not killed:
             if list((tmp_path / "kill").glob("step-00000004")):
-                workers = _train_worker_pids()
+                workers = train_worker_pids()
                 if workers:
                     os.kill(workers[-1], signal.SIGKILL)
                     killed.append(workers[-1])

@@ -1,0 +1,64 @@
+"""Local servers that benchmarks and tests start and stop: a real ``mlflow server``."""
+from __future__ import annotations
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store; stop and start it to fake an
+    outage (it keeps its port and its data)."""
+
+    def __init__(self, root, port: int):
+        self.root, self.port, self.proc = root, port, None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1", "--backend-store-uri",
+             f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
+             str(self.root / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+def train_worker_pids() -> list[int]:
+    """Ray Train worker processes on this machine (Ray titles them ``ray::RayTrainWorker...``)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return sorted(pids)

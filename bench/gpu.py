@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from dldkd_configs import preset
+
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; first match wins.
 BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
              ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
@@ -52,7 +54,7 @@ def recipe_step(steps: int, videos: int) -> dict:
     from trainer.student import DualStudent
     from trainer.teacher import build_teacher
 
-    cfg = load_config("configs/tvr.yaml", [
+    cfg = load_config(preset("tvr.yaml"), [
         "teacher.placement=replicated", "teacher.arch=ViT-B-32", "teacher.pretrained=",
         "teacher.cache=false", "dist.num_workers=1", "dist.use_gpu=true",
         "dist.precision=bf16", "dist.zero_stage=2", f"data.batch_videos={videos}"])

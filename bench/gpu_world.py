@@ -5,12 +5,9 @@ teacher frames per video (smooth gradients, so JPEG stays small) for the online 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from sharding.batch import VideoSample
-from sharding.writer import write_split
 
 VIDEO_DIM, QUERY_DIM, CAPTIONS, TEACHER_FRAMES = 3072, 768, 5, 16
 
@@ -30,12 +27,3 @@ def tvr_sample(index: int, seed: int = 0, image_size: int = 224) -> VideoSample:
                        cap_ids=[f"{vid}#enc#{k}" for k in range(CAPTIONS)],
                        captions=[f"caption {k} of video {index}" for k in range(CAPTIONS)],
                        n_frames_orig=n, teacher_frames=pictures)
-
-
-def write_tvr_split(out: Path, split: str, videos: int, seed: int = 0) -> Path:
-    """``videos`` random TVR-dim videos as shards with raw teacher frames; returns the folder."""
-    write_split(out / split, split, [str(i) for i in range(videos)],
-                lambda i: tvr_sample(int(i), seed), videos_per_shard=64,
-                dims={"video_dim": VIDEO_DIM, "query_dim": QUERY_DIM, "image_size": 224},
-                notes={"world": "random TVR-dim features for the GPU suite"}, progress=False)
-    return out / split

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dldkd_configs import preset
+
 
 def _median_sps(uri: str, name: str, skip_steps: int) -> float:
     from mlflow.tracking import MlflowClient
@@ -66,10 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     uri = f"sqlite:///{root / 'mlflow.db'}"
 
     def cfg(name: str, workers: int, cpus: int | None = None):
-        return load_config("configs/tiny.yaml", [
+        return load_config(preset("tiny.yaml"), [
             f"data.train={world / 'train'}", "data.val=", f"run.storage={root / 'runs'}",
             f"run.name={name}", "run.resume=never", f"tracking.uri={uri}",
             "tracking.system_metrics=false", f"teacher.pretrained={teacher}",
+            f"teacher.model_config={preset('teacher-tiny.json')}",
             f"data.steps_per_epoch={args.steps}", "train.epochs=2", "train.log_every=1",
             "train.ckpt_every=100000", f"dist.num_workers={workers}",
             # The same 2 cores in every setting (Ray sets OMP threads = CPUs per worker).

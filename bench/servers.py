@@ -33,7 +33,7 @@ class MlflowServer:
              f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
              str(self.root / "artifacts")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 90
+        deadline = time.time() + 180   # its start-up imports are slow on a loaded machine
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
@@ -41,7 +41,8 @@ class MlflowServer:
                         return
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError("mlflow server did not become healthy")
+        self.stop()   # never leave a half-started server (and its workers) behind
+        raise RuntimeError(f"mlflow server on port {self.port} did not become healthy in 180 s")
 
     def stop(self) -> None:
         if self.proc is not None:

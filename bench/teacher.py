@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from dldkd_configs import preset
 from sharding.batch import Batch, collate
 from sharding.synthetic import World, WorldConfig
 from trainer.config import LossConfig, ModelConfig, OptimConfig, TeacherConfig
@@ -32,9 +33,10 @@ from trainer.losses import total_loss
 from trainer.schedules import loss_weights
 from trainer.optim import build_optimizer
 from trainer.student import DualStudent
-from trainer.teacher import Teacher, build_teacher, param_fraction
+from trainer.teacher import Teacher, build_teacher
+from trainer.teacher_placement import param_fraction
 
-TINY = str(Path(__file__).resolve().parent.parent / "configs" / "teacher-tiny.json")
+TINY = preset("teacher-tiny.json")
 EPOCH = 40
 
 

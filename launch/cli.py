@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dldkd_configs import preset
+
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML preset, e.g. configs/tvr.yaml")
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Contrastive pretraining of a small open_clip config on "
                            "the synthetic world's pretraining split.")
     pre.add_argument("--shards", required=True, help="image-text shard folder (pretrain/)")
-    pre.add_argument("--model-config", default="configs/teacher-tiny.json")
+    pre.add_argument("--model-config", default=preset("teacher-tiny.json"),
+                     help="open_clip JSON model config (default: the shipped teacher-tiny.json)")
     pre.add_argument("--arch", default="teacher-tiny")
     pre.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
     pre.add_argument("--steps", type=int, default=300)

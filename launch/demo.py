@@ -14,7 +14,12 @@ import os
 import time
 from pathlib import Path
 
-SWEEP_CONFIG = "configs/sweep-demo.yaml"
+from dldkd_configs import preset
+
+# The shipped files, so the demo runs from any folder (the preset names a checkout's
+# configs/teacher-tiny.json).
+SWEEP_CONFIG = preset("sweep-demo.yaml")
+TEACHER_CONFIG = preset("teacher-tiny.json")
 
 # (full, --small): world videos, eval videos, pretraining pairs, teacher steps, sweep overrides
 SIZES = {
@@ -63,7 +68,8 @@ def run_demo(out: str | Path = "outputs/demo", small: bool = False) -> int:
         pretrain(str(world / "pretrain"), str(teacher_ckpt), steps=size["teacher_steps"],
                  batch_size=64, log=show)
     data = [f"data.train={world / 'train'}", f"data.val={world / 'val'}",
-            f"data.test={world / 'test'}", f"teacher.pretrained={teacher_ckpt}"]
+            f"data.test={world / 'test'}", f"teacher.pretrained={teacher_ckpt}",
+            f"teacher.model_config={TEACHER_CONFIG}"]
     teacher_metrics = zero_shot_eval_split(load_config(SWEEP_CONFIG, data), str(world / "val"))
     print(f"      teacher zero-shot on val: SumR {teacher_metrics['SumR']:.1f}")
     _done(t)
@@ -71,7 +77,8 @@ def run_demo(out: str | Path = "outputs/demo", small: bool = False) -> int:
     t = _stage(3, "sweep: 2 trials x 2 DeepSpeed workers on a local Ray cluster, MLflow on SQLite")
     import ray
 
-    from launch.sweep import load_sweep, run_sweep
+    from launch.sweep import run_sweep
+    from launch.sweep_spec import load_sweep
     from trainer.recipe import setup_logging
 
     setup_logging()

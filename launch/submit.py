@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ENTRIES = ("train", "sweep")
@@ -25,27 +27,111 @@ EXCLUDES = [".git", ".venv", "venv", "/data", "/outputs", "/runs", "/mlruns", "*
 # A zip entry costs a local header (30 bytes) and a central-directory record (46 bytes), each
 # with the name; the archive ends with a 22-byte record. Ray stores files uncompressed.
 _ZIP_ENTRY, _ZIP_END = 30 + 46, 22
+# Ray's package limit: a working_dir travels through the GCS in one gRPC message, capped by Ray's
+# system setting max_grpc_message_size (512 MiB; the RAY_max_grpc_message_size env var sets it).
+_GRPC_MESSAGE_MAX = 512 * 2**20
+# Ray's own excludes, which RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES replaces (comma-separated).
+_RAY_DEFAULT_EXCLUDES = ".git,.venv,venv,__pycache__"
 
 
 def upload_limit() -> int:
-    """Ray's limit on a working_dir package: GCS_STORAGE_MAX_SIZE (RAY_max_grpc_message_size)."""
-    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+    """Ray's limit on a working_dir package, in bytes."""
+    return int(os.environ.get("RAY_max_grpc_message_size", _GRPC_MESSAGE_MAX))
 
-    return int(GCS_STORAGE_MAX_SIZE)
+
+def _segment(glob: str) -> str:
+    """One path segment's wildcards as a regex: ``*`` and ``?`` stop at '/', ``[...]`` is a class
+    (``[!...]`` negated), a backslash escapes."""
+    out = []
+    for tok in re.findall(r"\\.|\[!?\]?[^\]]*\]|.", glob, re.S):
+        if tok.startswith("\\"):
+            out.append(re.escape(tok[1:]))
+        elif tok == "*":
+            out.append("[^/]*")
+        elif tok == "?":
+            out.append("[^/]")
+        elif len(tok) > 1:
+            body = tok[1:-1]
+            neg = "^" if body.startswith("!") else "\\^" if body.startswith("^") else ""
+            out.append("[" + neg + body[bool(neg):].replace("\\", "\\\\") + "]")
+        else:
+            out.append(re.escape(tok))
+    return "".join(out)
+
+
+def _pattern(line: str) -> tuple[re.Pattern, bool] | None:
+    """A gitignore line as (regex over a '/'-separated relative path, excludes?), None for blanks
+    and comments; the translation Ray's bundled pathspec ("gitwildmatch") makes, edge cases
+    included, so the estimate matches the package Ray builds."""
+    line = line.strip()
+    if not line or line.startswith("#") or line == "/":
+        return None
+    exclude = not line.startswith("!")
+    if not exclude:
+        line = line[1:]
+    segs = (line[1:] if line.startswith("\\") else line).split("/")
+    if not segs[0]:
+        del segs[0]                      # leading '/': anchored at the ignore file's folder
+    elif (len(segs) == 1 or (len(segs) == 2 and not segs[1])) and segs[0] != "**":
+        segs.insert(0, "**")             # a bare name matches at any depth
+    if len(segs) > 1 and not segs[-1]:
+        segs[-1] = "**"                  # trailing '/': everything below
+    regex, slash, last = "^", False, len(segs) - 1
+    for i, seg in enumerate(segs):
+        if seg == "**":
+            regex += ".+" if i == 0 == last else "(?:.+/)?" if i == 0 else \
+                "/.*" if i == last else "(?:/.+)?"
+            slash = 0 < i < last
+            continue
+        regex += ("/" if slash else "") + ("[^/]+" if seg == "*" else _segment(seg))
+        if i == last and exclude and seg != "*":
+            regex += "(?:/.*)?"          # a name also covers what is below it
+        slash = True
+    return re.compile(regex + "$"), exclude
+
+
+def _matcher(base: Path, lines: list[str]) -> Callable[[Path], bool]:
+    """Whether a path is excluded: the last matching pattern decides (a '!' one re-includes)."""
+    patterns = [p for p in map(_pattern, lines) if p]
+
+    def excluded(path: Path) -> bool:
+        rel = path.relative_to(base).as_posix()
+        verdict = False
+        for regex, exclude in patterns:
+            if regex.match(rel):
+                verdict = exclude
+        return verdict
+
+    return excluded
+
+
+def _walk(path: Path, excludes: list[Callable[[Path], bool]], visit: Callable[[Path], None],
+          gitignore: bool) -> None:
+    """Ray's traversal: a folder's .gitignore and .rayignore apply, relative to it, to itself and
+    everything below; an excluded folder is not entered."""
+    found = [_matcher(path, (path / name).read_text().splitlines())
+             for name in ((".gitignore", ".rayignore") if gitignore else (".rayignore",))
+             if (path / name).is_file()]
+    excludes = excludes + found
+    if any(excluded(path) for excluded in excludes):
+        return
+    visit(path)
+    if path.is_dir():
+        for sub in path.iterdir():
+            _walk(sub, excludes, visit, gitignore)
 
 
 def upload_size(root: str | Path, excludes: list[str]) -> tuple[int, dict[str, int]]:
     """Bytes of the package Ray would build from ``root``, and bytes per top-level entry.
 
-    Walks the directory with Ray's own traversal, so Ray's default excludes, ``.gitignore`` and
-    ``.rayignore`` files and ``excludes`` apply exactly as they will at upload.
+    Walks the directory as Ray does: its default excludes, ``.gitignore`` (unless
+    RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1) and ``.rayignore`` files and ``excludes`` apply, in
+    gitignore syntax, exactly as they will at upload.
     """
-    from ray._private import ray_constants
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-
     root = Path(root).absolute()
-    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
-    patterns = ray_constants.get_runtime_env_default_excludes() + list(excludes)
+    defaults = os.environ.get("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", _RAY_DEFAULT_EXCLUDES)
+    patterns = [x.strip() for x in defaults.split(",") if x.strip()] + list(excludes)
+    gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
     per_entry: dict[str, int] = {}
 
     def count(path: Path) -> None:
@@ -58,7 +144,7 @@ def upload_size(root: str | Path, excludes: list[str]) -> tuple[int, dict[str, i
         top = rel.parts[0] + ("/" if len(rel.parts) > 1 or is_empty_dir else "")
         per_entry[top] = per_entry.get(top, 0) + size
 
-    _dir_travel(root, [_get_excludes(root, patterns)], count, include_gitignore=include_gitignore)
+    _walk(root, [_matcher(root, patterns)], count, gitignore)
     return sum(per_entry.values()) + _ZIP_END, per_entry
 
 
@@ -98,7 +184,7 @@ def _check_config(entry: str, config: str, overrides: list[str], root: Path) -> 
                                 f"{root} (the job sees only the uploaded copy), given relative "
                                 "to it, e.g. configs/tvr.yaml")
     if entry == "sweep":
-        from launch.sweep import load_sweep
+        from launch.sweep_spec import load_sweep
 
         load_sweep(root / path, overrides)
     else:

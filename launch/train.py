@@ -14,6 +14,7 @@ import tempfile
 import sys
 from pathlib import Path
 
+from launch.lease import run_lease
 from trainer import storage
 from trainer.config import Config, from_dict, load_config
 from trainer.recipe import setup_logging
@@ -76,6 +77,13 @@ def storage_path(cfg: Config) -> str:
     return storage.absolute(cfg.run.storage)
 
 
+def workers(cfg: Config) -> int | tuple[int, int]:
+    """Ray Train's ``num_workers``: fixed, or ``(min, max)`` for an elastic run, which Ray
+    restarts at another size from the latest checkpoint as resources come and go."""
+    return (cfg.dist.min_workers, cfg.dist.num_workers) if cfg.dist.min_workers \
+        else cfg.dist.num_workers
+
+
 def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None = None,
                   env: dict[str, str] | None = None):
     """The run's ``TorchTrainer``. ``env``: the object-store endpoint variables the workers get
@@ -92,7 +100,7 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
         train_loop_config={"config": cfg.to_dict(), "cwd": os.getcwd()},
         torch_config=TorchConfig(backend="nccl" if cfg.dist.use_gpu else "gloo",
                                  timeout_s=cfg.dist.timeout_s),
-        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers(cfg), use_gpu=cfg.dist.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.dist.placement_strategy),
         run_config=RunConfig(
@@ -131,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace):
+    """The run under its lease (``launch.lease``): a second launch of the same run.name and
+    storage is refused before it starts Ray."""
     setup_logging()
     cfg = load_config(args.config, args.overrides)
-    init_ray(args.address)
-    result = build_trainer(cfg).fit()
+    with run_lease(cfg.run.storage, cfg.run.name):
+        init_ray(args.address)
+        result = build_trainer(cfg).fit()
     print(f"run {cfg.run.name}: best SumR {result.metrics.get('val/best_SumR', float('nan')):.2f}"
           f" at {result.path}")
     return result

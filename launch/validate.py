@@ -1,13 +1,12 @@
 """``dldkd validate``: everything that can be checked before a cluster is touched.
 
-Each check is a small function returning one named :class:`Check` (OK / WARN / FAIL) whose message
-names the key, the value and what to do. :func:`validate_run` runs them in order and adds a
-per-worker memory estimate (docs/validate.md gives the formulas). With ``offline=True`` the checks
-that read the shards or touch storage and tracking are skipped: the config alone is checked.
+Each check is a small function returning one named :class:`Check` (launch/validate_report.py).
+:func:`validate_run` runs them in order and adds a per-worker memory estimate
+(launch/validate_memory.py). With ``offline=True`` the checks that read the shards or touch
+storage and tracking are skipped: the config alone is checked.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import tarfile
@@ -15,191 +14,19 @@ import tempfile
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from launch.validate_memory import (DEFAULT_QUERIES_PER_VIDEO, estimate_memory, meta_teacher,
+                                    size_text, teacher_use)
+from launch.validate_report import FAIL, OK, WARN, Check, Report
 from sharding.writer import Manifest, ManifestError
 from trainer.config import Config, ConfigError, load_config
+from trainer.storage import is_remote
 
-OK, WARN, FAIL = "OK", "WARN", "FAIL"
 SPLITS = ("train", "val", "test")
-DEFAULT_QUERIES_PER_VIDEO = 5.0   # TVR's captions per video; the manifest's ratio when known
 HEALTH_TIMEOUT_S = 3.0
 PROBE_PREFIX = ".dldkd-validate-"
 HF_WEIGHT_FILES = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: str       # OK | WARN | FAIL
-    message: str
-
-
-# -- memory estimate -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MemoryRow:
-    item: str
-    bytes: float
-    note: str
-
-
-@dataclass
-class MemoryEstimate:
-    """Bytes per worker (one data-parallel rank) of the model states, teacher and activations."""
-
-    student_params: int
-    teacher_params: int | None     # None: unknown offline (an hf-hub config)
-    rows: list[MemoryRow] = field(default_factory=list)
-
-    @property
-    def total(self) -> float:
-        return sum(r.bytes for r in self.rows)
-
-    def render(self) -> str:
-        width = max(len(r.item) for r in self.rows + [MemoryRow("total", 0, "")])
-        lines = [f"memory per worker (estimate; student {self.student_params:,} parameters, "
-                 f"teacher {_count(self.teacher_params)}):"]
-        for r in self.rows + [MemoryRow("total", self.total, "")]:
-            lines.append(f"  {r.item:<{width}}  {_size(r.bytes):>10}  {r.note}".rstrip())
-        return "\n".join(lines)
-
-
-def _count(n: int | None) -> str:
-    return "unknown" if n is None else f"{n:,} parameters"
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def student_param_count(cfg: Config) -> int:
-    """Parameters of DualStudent(cfg.model), built on the meta device (nothing allocated)."""
-    import torch
-
-    from trainer.student import DualStudent
-
-    with torch.device("meta"):
-        model = DualStudent(cfg.model)
-    return sum(p.numel() for p in model.parameters())
-
-
-def teacher_param_count(cfg: Config) -> int | None:
-    """Parameters of the open_clip teacher built on the meta device; None if it cannot be built
-    offline (an hf-hub config, an unknown arch: the teacher check says why)."""
-    if not cfg.uses_teacher() or cfg.teacher.placement == "precomputed":
-        return 0
-    from trainer.teacher import HF_HUB, TeacherError, resolve_weights
-
-    try:
-        source = resolve_weights(cfg.teacher, download=False)
-    except TeacherError:
-        return None
-    if source.model_name.startswith(HF_HUB):
-        return None
-    return sum(p.numel() for p in _meta_clip(source.model_name).parameters())
-
-
-def _meta_clip(name: str):
-    """The open_clip model ``name`` as the teacher builds it, on the meta device (no memory)."""
-    import open_clip
-
-    root = logging.getLogger()   # open_clip warns "No pretrained weights loaded" on the root
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        return open_clip.create_model(name, pretrained=None, load_weights=False, device="meta",
-                                      nonscalar_logit_scale=True)
-    finally:
-        root.setLevel(level)
-
-
-def activation_elements(cfg: Config, queries_per_video: float = DEFAULT_QUERIES_PER_VIDEO
-                        ) -> float:
-    """Elements the student keeps for backward on one micro-batch (docs/validate.md).
-
-    Fitted to the tensors autograd saves (within 2% over dims, batch sizes and branch choices);
-    every video counted at ``model.max_frames`` and every query at ``model.max_words``.
-    """
-    m = cfg.model
-    n_br = 1 if m.branches != "dual" else 2
-    B, L, W = cfg.data.batch_videos, m.max_frames, m.max_words
-    Q = queries_per_video * B
-    inputs = (1 + 2 * n_br) * (B * L * m.video_dim + Q * W * m.query_dim)
-    per_branch = (11.5 * (B * L + Q * W) * m.hidden + 3 * m.heads * (B * L * L + Q * W * W)
-                  + 4.3 * Q * B * L)
-    return inputs + n_br * per_branch
-
-
-def estimate_memory(cfg: Config, queries_per_video: float = DEFAULT_QUERIES_PER_VIDEO,
-                    teacher_params: int | None = -1) -> MemoryEstimate:
-    """Model states under the ZeRO stage (bf16: 2+2 bytes params+grads, 4+8 fp32 master and
-    moments; fp32: 4+4, 8), teacher replicated or /N under zero3, one micro-batch's activations."""
-    n, stage = cfg.dist.num_workers, cfg.dist.zero_stage
-    bf16 = cfg.dist.precision == "bf16"
-    p = student_param_count(cfg)
-    if teacher_params == -1:
-        teacher_params = teacher_param_count(cfg)
-    param_b, grad_b, opt_b = (2, 2, 12) if bf16 else (4, 4, 8)
-    split = {s: (n if stage >= s else 1) for s in (1, 2, 3)}
-
-    def shard(k: int) -> str:
-        return f"/ {n} workers (ZeRO-{stage})" if split[k] > 1 else "replicated"
-
-    rows = [
-        MemoryRow("student params", p * param_b / split[3], f"{param_b} B x {p:,}, {shard(3)}"),
-        MemoryRow("gradients", p * grad_b / split[2], f"{grad_b} B x {p:,}, {shard(2)}"),
-        MemoryRow("optimizer state", p * opt_b / split[1],
-                  ("fp32 master + 2 moments" if bf16 else "2 fp32 moments")
-                  + f" = {opt_b} B x {p:,}, {shard(1)}"),
-    ]
-    if teacher_params is None:
-        rows.append(MemoryRow("teacher params", 0, "unknown offline (see the teacher check)"))
-    elif teacher_params:
-        t_b = 2 if cfg.dist.use_gpu else 4   # the teacher runs in bf16 on GPUs, fp32 on CPUs
-        zero3 = cfg.teacher.placement == "zero3"
-        rows.append(MemoryRow("teacher params", teacher_params * t_b / (n if zero3 else 1),
-                              f"{t_b} B x {teacher_params:,}, "
-                              + (f"/ {n} workers (zero3)" if zero3 else "replicated")))
-    else:
-        rows.append(MemoryRow("teacher params", 0, f"none ({_teacher_use(cfg)})"))
-    act_b = 2 if bf16 else 4
-    rows.append(MemoryRow(
-        "activations", activation_elements(cfg, queries_per_video) * act_b,
-        f"one micro-batch: B={cfg.data.batch_videos} videos, Q={queries_per_video:g}B queries, "
-        f"L={cfg.model.max_frames}, {act_b} B/element"))
-    return MemoryEstimate(p, teacher_params, rows)
-
-
-def _teacher_use(cfg: Config) -> str:
-    if not cfg.uses_teacher():
-        return "not used by this model.branches / loss settings"
-    return "precomputed embeddings from the shards"
-
-
-# -- the report ------------------------------------------------------------------------------------
-@dataclass
-class Report:
-    checks: list[Check]
-    memory: MemoryEstimate | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not any(c.status == FAIL for c in self.checks)
-
-    def render(self) -> str:
-        width = max(len(c.name) for c in self.checks)
-        lines = [f"{c.status:<4}  {c.name:<{width}}  {c.message}" for c in self.checks]
-        if self.memory is not None:
-            lines += ["", self.memory.render()]
-        fails = sum(c.status == FAIL for c in self.checks)
-        warns = sum(c.status == WARN for c in self.checks)
-        lines += ["", f"{fails} failed, {warns} warnings, {len(self.checks) - fails - warns} ok"]
-        return "\n".join(lines)
 
 
 # -- config and batch arithmetic -------------------------------------------------------------------
@@ -445,9 +272,7 @@ def check_shard_files(split: str, manifest: Manifest) -> Check:
 
 
 def _local_shard(url: str) -> Path | None:
-    if url.startswith("file://"):
-        return Path(url[len("file://"):])
-    return None if "://" in url else Path(url)
+    return None if is_remote(url) else Path(url.removeprefix("file://"))
 
 
 def _shard_problem(info, url: str) -> str | None:
@@ -493,7 +318,7 @@ def check_teacher_inputs(cfg: Config, train: Manifest) -> Check:
     pre-extracted CLIP embeddings for ``precomputed``; if not, FAIL with the command that adds
     them."""
     if not cfg.uses_teacher():
-        return Check("teacher inputs", OK, _teacher_use(cfg))
+        return Check("teacher inputs", OK, teacher_use(cfg))
     dims, placement = train.dims, cfg.teacher.placement
     if placement == "precomputed":
         if "teacher_dim" not in dims:
@@ -521,7 +346,8 @@ def check_teacher_inputs(cfg: Config, train: Manifest) -> Check:
 
 def check_val_split(cfg: Config) -> Check:
     """Model selection on the test split is allowed (the reference may do it) but never silent."""
-    from sharding.splits import VAL_IS_TEST_TAG, val_is_test
+    from sharding.splits import val_is_test
+    from trainer.tracking_tags import VAL_IS_TEST_TAG
 
     note = val_is_test(cfg.data.val, cfg.data.test)
     if note:
@@ -533,7 +359,7 @@ def check_val_split(cfg: Config) -> Check:
 
 # -- teacher weights -------------------------------------------------------------------------------
 def _looks_like_path(value: str) -> bool:
-    from trainer.teacher import HF_HUB, WEIGHT_SUFFIXES
+    from trainer.teacher_weights import HF_HUB, WEIGHT_SUFFIXES
 
     return not value.startswith(HF_HUB) and ("/" in value or Path(value).suffix in WEIGHT_SUFFIXES)
 
@@ -541,8 +367,8 @@ def _looks_like_path(value: str) -> bool:
 def check_teacher_weights(cfg: Config, offline: bool) -> Check:
     t = cfg.teacher
     if not cfg.uses_teacher() or t.placement == "precomputed":
-        return Check("teacher", OK, _teacher_use(cfg))
-    from trainer.teacher import HF_HUB, TeacherError, resolve_weights
+        return Check("teacher", OK, teacher_use(cfg))
+    from trainer.teacher_weights import HF_HUB, TeacherError, resolve_weights
 
     import open_clip
 
@@ -566,14 +392,14 @@ def check_teacher_weights(cfg: Config, offline: bool) -> Check:
         if not size:
             return Check("teacher", FAIL, f"teacher.pretrained={t.pretrained!r} is empty")
         try:   # opened as the run opens it: weights only, keys and shapes against teacher.arch
-            from trainer.teacher import fit_state_dict, read_state_dict
+            from trainer.teacher_weights import fit_state_dict, read_state_dict
 
-            shapes = {k: v.shape for k, v in _meta_clip(source.model_name).state_dict().items()}
+            shapes = {k: v.shape for k, v in meta_teacher(source).state_dict().items()}
             fit_state_dict(read_state_dict(t.pretrained), shapes,
                            f"teacher.pretrained={t.pretrained!r}")
         except TeacherError as err:
             return Check("teacher", FAIL, str(err))
-        return Check("teacher", OK, f"local checkpoint {t.pretrained} ({_size(size)}) fits "
+        return Check("teacher", OK, f"local checkpoint {t.pretrained} ({size_text(size)}) fits "
                      f"{t.arch}")
     tag = open_clip.get_pretrained_cfg(t.arch, t.pretrained)
     return _weights_check(f"{t.arch} tag {t.pretrained!r}", _tag_cached(tag), tag.get("hf_hub"),
@@ -695,20 +521,18 @@ def _probe_remote(url: str) -> str | None:
 
 def check_storage(cfg: Config) -> Check:
     storage = cfg.run.storage
-    error = _probe_remote(storage) if "://" in storage else _probe_local(Path(storage))
+    error = _probe_remote(storage) if is_remote(storage) else _probe_local(Path(storage))
     if error:
         return Check("storage", FAIL, f"run.storage={storage!r}: {error}")
     return Check("storage", OK, f"run.storage={storage!r} is writable")
 
 
 def check_tracking(cfg: Config) -> Check:
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    origin = "tracking.uri" if cfg.tracking.uri else "$MLFLOW_TRACKING_URI"
+    """The MLflow store answers or can be written. ``load_config`` has filled an empty
+    ``tracking.uri`` from $MLFLOW_TRACKING_URI; still empty, it is the run folder's SQLite file,
+    which the config check refuses for a remote ``run.storage``."""
+    uri = cfg.tracking.uri
     if not uri:
-        if "://" in cfg.run.storage:
-            return Check("tracking", FAIL, f"tracking.uri is empty and run.storage="
-                         f"{cfg.run.storage!r} is remote: the default SQLite file needs a local "
-                         "folder; set tracking.uri to an MLflow server (http://...)")
         return Check("tracking", OK, f"SQLite file {Path(cfg.run.storage) / cfg.run.name}/"
                      "mlflow.db (storage check covers it)")
     if uri.startswith(("http://", "https://")):
@@ -717,26 +541,26 @@ def check_tracking(cfg: Config) -> Check:
             with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT_S) as resp:
                 status = resp.status
         except (urllib.error.URLError, OSError) as err:
-            return Check("tracking", FAIL, f"{origin}={uri!r}: {health} did not answer within "
+            return Check("tracking", FAIL, f"tracking.uri={uri!r}: {health} did not answer within "
                          f"{HEALTH_TIMEOUT_S:g} s ({err}); start the server or fix the address")
         if status != 200:
-            return Check("tracking", FAIL, f"{origin}={uri!r}: {health} answered {status}")
-        return Check("tracking", OK, f"{origin}={uri!r} answers /health")
+            return Check("tracking", FAIL, f"tracking.uri={uri!r}: {health} answered {status}")
+        return Check("tracking", OK, f"tracking.uri={uri!r} answers /health")
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if path.exists() and not os.access(path, os.W_OK):
-            return Check("tracking", FAIL, f"{origin}={uri!r}: {path} is not writable")
+            return Check("tracking", FAIL, f"tracking.uri={uri!r}: {path} is not writable")
         error = _probe_local(path.parent)
         if error:
-            return Check("tracking", FAIL, f"{origin}={uri!r}: {error}")
-        return Check("tracking", OK, f"{origin}={uri!r}: SQLite file writable")
+            return Check("tracking", FAIL, f"tracking.uri={uri!r}: {error}")
+        return Check("tracking", OK, f"tracking.uri={uri!r}: SQLite file writable")
     if uri.startswith("file:") or "://" not in uri:
         error = _probe_local(Path(uri[len("file://"):] if uri.startswith("file://") else uri))
         if error:
-            return Check("tracking", FAIL, f"{origin}={uri!r}: {error}")
-        return Check("tracking", WARN, f"{origin}={uri!r} is MLflow's legacy file store; prefer "
-                     "sqlite:///path/mlflow.db or a server")
-    return Check("tracking", WARN, f"{origin}={uri!r}: this kind of store is not checked here")
+            return Check("tracking", FAIL, f"tracking.uri={uri!r}: {error}")
+        return Check("tracking", WARN, f"tracking.uri={uri!r} is MLflow's legacy file store; "
+                     "prefer sqlite:///path/mlflow.db or a server")
+    return Check("tracking", WARN, f"tracking.uri={uri!r}: this kind of store is not checked here")
 
 
 # -- all together ----------------------------------------------------------------------------------

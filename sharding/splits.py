@@ -4,7 +4,6 @@ from __future__ import annotations
 from sharding.writer import ManifestError, load_manifest
 
 CAPTIONS_DIGEST = "captions_sha256"   # manifest notes key: sha256 of the source caption file
-VAL_IS_TEST_TAG = "dldkd.val_is_test"  # MLflow tag of a run whose validation split is its test
 
 
 def val_is_test(val: str, test: str) -> str | None:

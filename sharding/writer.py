@@ -369,19 +369,3 @@ def load_manifest(path_or_url: str | os.PathLike, kind: str | None = VIDEO_TEXT)
                             "splits pretrain a teacher (dldkd teacher pretrain --shards)")
     m.base = loc.rsplit("/", 1)[0] if "/" in loc else "."
     return m
-
-
-def verify_shards(directory) -> dict[str, str]:
-    """Check every shard in ``directory``'s manifest: {shard name: problem}, empty when all good."""
-    m = load_manifest(directory, kind=None)
-    problems = {}
-    for s in m.shards:
-        path = Path(directory) / s.name
-        if not path.exists():
-            problems[s.name] = "missing"
-        elif path.stat().st_size != s.bytes:
-            problems[s.name] = f"size {path.stat().st_size} != {s.bytes} in the manifest (truncated?)"
-        elif sha256_file(path) != s.sha256:
-            problems[s.name] = "sha256 differs from the manifest (corrupt)"
-    return problems
-

@@ -67,6 +67,67 @@ def weights_only_resume(engine) -> None:
     engine.checkpoint_engine = WeightsOnly(engine._config)
 
 
+def load_repartitioned(engine, folder: Path, written_by: int) -> dict:
+    """Load a ZeRO-1/2 checkpoint written by ``written_by`` ranks into an engine of another
+    rank count; returns the client state.
+
+    DeepSpeed loads ZeRO optimizer state only on the rank count that wrote it, or from a
+    universal checkpoint, whose converter unpickles without ``weights_only``. Each rank's
+    ZeRO file names the slice of every parameter its flat partition holds, so a parameter's
+    full fp32 value and moments are those slices joined in rank order; every new rank copies
+    its own slices into its partition, then the weights are gathered from the fp32 values.
+    """
+    _, client = engine.load_checkpoint(str(folder), ENGINE_TAG, load_optimizer_states=False)
+    full: dict[str, dict[str, list]] = {}   # state key -> parameter name -> slices in rank order
+    steps: dict[int, torch.Tensor] = {}
+    for rank in range(written_by):
+        found = sorted((Path(folder) / ENGINE_TAG).glob(
+            f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+        if not found:
+            raise CheckpointError(f"checkpoint {folder} lacks the ZeRO optimizer file of rank "
+                                  f"{rank} of {written_by}: it is incomplete; delete it to "
+                                  "resume from the previous one")
+        sd = load_weights_only(found[0], map_location="cpu")["optimizer_state_dict"]
+        base = sd["base_optimizer_state"]["state"]
+        for group, mapping in enumerate(sd["param_slice_mappings"]):
+            flats = {"fp32": sd["single_partition_of_fp32_groups"][group]}
+            for key, value in base.get(group, {}).items():
+                if value.dim() == 1:
+                    flats[key] = value
+                else:   # a per-group count (AdamW's step), the same on every rank
+                    steps[group] = value
+            for key, flat in flats.items():
+                for name, at in mapping.items():
+                    full.setdefault(key, {}).setdefault(name, []).append(
+                        flat.narrow(0, at.start, at.numel))
+    params = dict(engine.module.named_parameters())
+    optimizer = engine.optimizer.optimizer   # the client optimizer over flat fp32 partitions
+    for group, param_group in enumerate(optimizer.param_groups):
+        flat = param_group["params"][0]
+        values = {key: flat.data if key == "fp32" else torch.zeros_like(flat) for key in full}
+        for name, param in params.items():
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is None or mapping.param_group_index != group:
+                continue
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            for key, value in values.items():
+                whole = torch.cat(full[key][name])
+                if whole.numel() != param.numel():
+                    raise CheckpointError(f"checkpoint {folder}: the ZeRO files hold "
+                                          f"{whole.numel()} values of {name}, the model has "
+                                          f"{param.numel()}; resume on {written_by} workers")
+                value.narrow(0, hp.start, hp.numel).copy_(whole.narrow(0, lp.start, lp.numel))
+        for key, value in values.items():
+            if key != "fp32":
+                optimizer.state[flat][key] = value
+        if group in steps:
+            optimizer.state[flat]["step"] = steps[group].clone()
+        # The schedule's position is loaded; the rate it set lives in the optimizer state.
+        param_group["lr"] = engine.lr_scheduler.get_last_lr()[group]
+    engine.optimizer.update_lp_params()
+    return client
+
+
 @dataclass
 class TrainState:
     """The loop's position and early-stopping bookkeeping (saved as client state)."""
@@ -120,8 +181,8 @@ def save_rank_rng(folder: Path, rank: int, state: dict) -> None:
 def load_rank_rng(folder: Path, rank: int) -> dict:
     path = Path(folder) / f"rng-rank{rank}.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: checkpoint {folder} is incomplete or was "
-                                "written by fewer workers; resume on the original worker count")
+        raise FileNotFoundError(f"{path} is missing: checkpoint {folder} is incomplete; delete "
+                                "that folder to resume from the previous one")
     return load_weights_only(path, map_location="cpu")
 
 
@@ -131,6 +192,16 @@ def _to_lists(x):
 
 def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def resized_position(epoch: int, step_in_epoch: int, written_by: int, world_size: int,
+                     steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, step in it) where a checkpoint of ``written_by`` workers goes on with
+    ``world_size``: after the samples its epoch consumed, step k of N workers becoming step
+    k * N // M of M, so fewer than one global batch of M is read twice; the next epoch once
+    this epoch's steps at M are used up."""
+    step = step_in_epoch * written_by // world_size
+    return (epoch, step) if step < steps_per_epoch else (epoch + 1, 0)
 
 
 def step_dir(root: Path, step: int) -> Path:

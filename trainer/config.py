@@ -215,6 +215,9 @@ class DistConfig(_Model):
     """Workers, DeepSpeed engine and fault tolerance."""
 
     num_workers: int = Field(1, ge=1, le=4096, description="Training workers (ranks).")
+    min_workers: int = Field(0, ge=0, le=4096, description=(
+        "Elastic: Ray Train runs min_workers..num_workers workers as resources allow, resuming "
+        "from the latest checkpoint on each resize; 0 = always num_workers."))
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL collectives.")
     cpus_per_worker: int = Field(1, ge=0, le=1024, description="CPUs Ray reserves per worker.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
@@ -283,6 +286,12 @@ class Config(_Model):
         if self.teacher.placement == "zero3" and self.dist.num_workers < 2:
             raise ConfigError("teacher.placement='zero3' needs dist.num_workers >= 2 to partition "
                               f"the teacher (got {self.dist.num_workers}); use 'replicated'")
+        if self.dist.min_workers > self.dist.num_workers:
+            raise ConfigError(f"dist.min_workers={self.dist.min_workers} must be <= "
+                              f"dist.num_workers={self.dist.num_workers} (or 0: fixed size)")
+        if self.dist.min_workers and self.dist.zero_stage == 3:
+            raise ConfigError("dist.min_workers (elastic) needs dist.zero_stage <= 2: a ZeRO-3 "
+                              "checkpoint resumes only on the worker count that wrote it")
         if is_remote(self.run.storage) and not self.tracking.uri:
             raise ConfigError(f"run.storage={self.run.storage!r} is remote, so the default MLflow "
                               "store (a SQLite file in the run folder) has nowhere to live: set "
@@ -318,7 +327,8 @@ RESUMABLE = ("train.epochs", "train.early_stop", "train.eval_every", "train.ckpt
              "data.resident_max_mb",
              "data.max_bad_fraction", "teacher.cache", "teacher.cache_mem_mb", "teacher.cache_dir",
              "teacher.image_batch", "dist.max_failures", "dist.timeout_s", "dist.cpus_per_worker",
-             "dist.placement_strategy", "tracking.", "run.")
+             "dist.placement_strategy", "dist.num_workers", "dist.min_workers", "tracking.",
+             "run.")
 
 
 def resume_changes(saved: dict[str, Any], now: dict[str, Any]

@@ -107,3 +107,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: 
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step + 1, total_steps, warmup))
+
+
+def seek(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Put the schedule at ``steps`` optimizer steps and give the optimizer that rate (a resume on
+    another worker count, whose run has another number of steps)."""
+    scheduler.last_epoch = steps
+    scheduler._last_lr = [base * factor(steps)
+                          for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr

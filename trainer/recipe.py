@@ -7,6 +7,7 @@ reported) is the ``Reporter`` it is given; the recipe itself never imports Ray.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,16 +22,18 @@ import torch
 from tqdm import tqdm
 
 from sharding.files import atomic_path
-from sharding.splits import VAL_IS_TEST_TAG, val_is_test
+from sharding.splits import val_is_test
 from trainer import checkpoint as ckpt
 from trainer import best, dist, storage
 from trainer.config import RESUMABLE, Config, ConfigError, resume_changes, save_yaml
 from trainer.engine import build_engine
 from trainer.losses import total_loss
 from trainer.metrics import EvalGallery, build_gallery, encode_gallery, rank_counts, rank_metrics
+from trainer.optim import seek
 from trainer.schedules import LossWeights, loss_weights, schedule_epoch
 from trainer.student import DualStudent
 from trainer.tracking import Tracker, resolve_uri
+from trainer.tracking_tags import VAL_IS_TEST_TAG
 
 log = logging.getLogger("dldkd")
 
@@ -176,11 +179,14 @@ class Recipe:
             return
         client_json = ckpt.read_client_json(found)
         written_by = client_json.get("world_size", self.dist.world_size)
-        if written_by != self.dist.world_size:
+        resized = written_by != self.dist.world_size
+        if resized and self.cfg.dist.zero_stage == 3:
             raise ckpt.CheckpointError(
                 f"checkpoint {found} was written by {written_by} workers, this run has "
-                f"{self.dist.world_size}: resuming on another worker count is not supported; "
-                f"relaunch with dist.num_workers={written_by}")
+                f"{self.dist.world_size}: a ZeRO-3 checkpoint resumes only on the worker count "
+                "that wrote it (DeepSpeed re-partitions it only through a universal checkpoint, "
+                f"which it cannot load weights-only); relaunch with dist.num_workers={written_by}"
+                " and dist.min_workers=0")
         saved = client_json.get("config")
         if saved is not None:
             self.resumed_changes, refused = resume_changes(saved, self.cfg.flat())
@@ -190,10 +196,37 @@ class Recipe:
                     f"run.name={self.cfg.run.name!r} already has checkpoint {found} written with "
                     f"another config ({diff}). Resuming may change only {', '.join(RESUMABLE)}; "
                     "give this config a new run.name, or undo the change to resume")
-        _, client = self.engine.load_checkpoint(str(found), ckpt.ENGINE_TAG)
+        if resized and self.cfg.dist.zero_stage:
+            client = ckpt.load_repartitioned(self.engine, found, written_by)
+        else:   # ZeRO-0 keeps the whole optimizer state in the model-states file
+            _, client = self.engine.load_checkpoint(str(found), ckpt.ENGINE_TAG)
         self.state = ckpt.TrainState.from_dict(client["train_state"])
-        ckpt.set_rng_state(ckpt.load_rank_rng(found, self.dist.rank), self.generator)
+        if resized:
+            self._resume_resized(written_by)
+        else:
+            ckpt.set_rng_state(ckpt.load_rank_rng(found, self.dist.rank), self.generator)
         log.info("resumed from %s at step %d (epoch %d)", found, self.state.step, self.state.epoch)
+
+    def _resume_resized(self, written_by: int) -> None:
+        """Continue a checkpoint of ``written_by`` workers on this run's worker count: the epoch
+        goes on after the samples it consumed (``ckpt.resized_position``), the schedules at that
+        position, and every rank draws fresh random streams (the checkpoint's belong to the
+        ranks of the old count)."""
+        cfg, st, world = self.cfg, self.state, self.dist.world_size
+        st.epoch, st.step_in_epoch = ckpt.resized_position(
+            st.epoch, st.step_in_epoch, written_by, world, self.steps_per_epoch)
+        _seed_everything(cfg.train.seed + self.dist.rank + 104729 * st.step,
+                         cfg.train.deterministic)
+        self.generator.manual_seed(cfg.train.seed + 7919 * self.dist.rank + 104729 * st.step)
+        seek(self.engine.lr_scheduler, self.position // cfg.dist.grad_accum)
+        log.info("checkpoint of %d workers resumed on %d: epoch %d goes on at its step %d of %d",
+                 written_by, world, st.epoch, st.step_in_epoch, self.steps_per_epoch)
+
+    @property
+    def position(self) -> int:
+        """Steps into the run's schedule: the step counter, less the difference a resume on
+        another worker count made (its epochs have another number of steps)."""
+        return self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch
 
     # ---------------------------------------------------------------- train
     def train(self) -> ckpt.TrainState:
@@ -202,7 +235,7 @@ class Recipe:
         ckpt_every = cfg.train.ckpt_every or eval_every
         timer = _Timer()
         # A progress bar only where someone watches (rank 0 on a terminal); logs elsewhere.
-        bar = tqdm(total=self.total_steps, initial=st.step, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=self.total_steps, initial=self.position, unit="step", dynamic_ncols=True,
                    disable=not (self.dist.is_main and sys.stderr.isatty()))
         self.engine.train()
         # The first step whose loss was not finite, kept on the device and read only where the
@@ -227,8 +260,9 @@ class Recipe:
                 st.step_in_epoch += 1
                 bar.update(1)
                 timer.count(batch.num_videos * self.dist.world_size)
-                evaluate = st.step % eval_every == 0 or st.step == self.total_steps
-                save = st.step % ckpt_every == 0 or st.step == self.total_steps
+                at = self.position
+                evaluate = at % eval_every == 0 or at == self.total_steps
+                save = at % ckpt_every == 0 or at == self.total_steps
                 if st.step % cfg.train.log_every == 0 or st.step == 1 or evaluate or save:
                     self._raise_if_diverged()
                     if stop.agreed():   # a signal on any rank: save, then stop every rank
@@ -253,7 +287,7 @@ class Recipe:
     def weights(self) -> LossWeights:
         """This step's lambda/alpha/beta (one pure function of the config and progress)."""
         cfg, st = self.cfg, self.state
-        at = schedule_epoch(st.epoch, st.step, self.total_steps, cfg.loss)
+        at = schedule_epoch(st.epoch, self.position, self.total_steps, cfg.loss)
         return loss_weights(cfg.loss, st.epoch, at, inheritance="inh" in self.student.branch_names)
 
     def train_step(self, batch, weights: LossWeights, timer: "_Timer") -> dict[str, torch.Tensor]:
@@ -324,13 +358,17 @@ class Recipe:
         st = self.state
         staged = self.reporter.staging_dir(st.step)
         staged.mkdir(parents=True, exist_ok=True)
-        # The engine keeps the position (read back on resume); client.json records it too, with
-        # what a relaunch checks before loading (config, worker count) and the schedule values.
+        # The engine keeps the position of the next step (read back on resume); client.json
+        # records it too, with what a relaunch checks before loading (config, worker count) and
+        # the schedule values. An epoch's last step saves as the next epoch's start, so that a
+        # resume on another worker count (other steps per epoch) starts that epoch whole.
+        at = st if st.step_in_epoch < self.steps_per_epoch else dataclasses.replace(
+            st, epoch=st.epoch + 1, step_in_epoch=0)
         self.engine.save_checkpoint(str(staged), ckpt.ENGINE_TAG,
-                                    client_state={"train_state": st.to_dict()})
+                                    client_state={"train_state": at.to_dict()})
         ckpt.save_rank_rng(staged, self.dist.rank, ckpt.rng_state(self.generator))
         if self.dist.is_main:
-            ckpt.write_client_json(staged, st, self.weights().as_dict(), self.cfg.flat(),
+            ckpt.write_client_json(staged, at, self.weights().as_dict(), self.cfg.flat(),
                                    self.dist.world_size)
         self.reporter.report(metrics, staged, st.step)
 
@@ -394,7 +432,7 @@ class Recipe:
                   timer: "_Timer") -> None:
         st = self.state
         rates = timer.rates()
-        remaining = (self.total_steps - st.step) * rates["step_s"]
+        remaining = (self.total_steps - self.position) * rates["step_s"]
         values = torch.stack([t.double() for t in terms.values()]).tolist()  # one sync
         w = weights.as_dict()
         terms = {**dict(zip(terms, values)), "lambda": w["lambda"], "alpha": w["alpha"],
@@ -411,7 +449,8 @@ class Recipe:
         if self.dist.is_main:
             parts = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
             log.info("step %d/%d ep %d | %s | lr %.2e | %.1f samples/s | data %.0f%% | teacher "
-                     "%.0f%% | ETA %s", st.step, self.total_steps, st.epoch, parts,
+                     "%.0f%% | ETA %s", st.step, st.step + self.total_steps - self.position,
+                     st.epoch, parts,
                      self.engine.get_lr()[0], rates["samples_s"], rates["data_pct"],
                      rates["teacher_pct"], _fmt_eta(remaining))
         timer.reset()

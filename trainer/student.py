@@ -135,14 +135,6 @@ def branch_scores(q: Tensor, v: Tensor, video_mask: Tensor) -> BranchScores:
     return BranchScores(cos=cos, S=cos.amax(dim=-1), U=U)
 
 
-def fused_score(scores: dict[str, BranchScores], inh_weight: float) -> Tensor:
-    """The evaluation score: w S_inh + (1 - w) S_exp with both branches, else the one branch's S."""
-    if set(scores) == {"inh", "exp"}:
-        return inh_weight * scores["inh"].S + (1.0 - inh_weight) * scores["exp"].S
-    (only,) = scores.values()
-    return only.S
-
-
 class DualStudent(nn.Module):
     """Both branches (or one, for the ablations), each with its own weights."""
 

@@ -60,6 +60,7 @@ class FrameEmbeddingCache:
 
     @property
     def memory_bytes(self) -> int:
+        """Bytes held in memory: what ``max_bytes`` bounds, observable beside it."""
         return self._bytes
 
     def lookup(self, keys: Sequence[tuple[str, int]], dim: int) -> tuple[Tensor, Tensor]:

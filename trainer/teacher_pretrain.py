@@ -20,16 +20,18 @@ import open_clip
 import torch
 import webdataset as wds
 
+from dldkd_configs import preset
 from sharding.batch import VideoSample, collate
 from sharding.files import atomic_path
 from sharding.images import decode_jpeg
 from sharding.writer import IMAGE_TEXT, load_manifest
 from trainer.config import Config, TeacherConfig
 from trainer.metrics import encoded_from_embeddings, rank_counts, rank_metrics
-from trainer.teacher import Teacher, TeacherError, build_teacher, preprocess_frames
-from trainer.teacher import resolve_weights
+from trainer.teacher import Teacher, build_teacher
+from trainer.teacher_transform import preprocess_frames
+from trainer.teacher_weights import TeacherError, resolve_weights
 
-TINY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "teacher-tiny.json")
+TINY_CONFIG = preset("teacher-tiny.json")
 
 
 def shard_urls(shards: str) -> list[str]:

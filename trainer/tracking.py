@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from sharding.files import write_atomic
+from trainer.tracking_tags import RUN_KEY_TAG
 
 log = logging.getLogger(__name__)
 
-RUN_KEY_TAG = "dldkd.run_key"
 PARAM_LIMIT = 6000  # MLflow's param value limit
 RETRY_STATUS = (408, 429)  # 4xx statuses that mean "try again later"
 
@@ -45,13 +45,14 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError)  # ConnectionError, TimeoutError, requests' errors
 
 
-def resolve_uri(configured: str, run_dir: Path) -> str:
-    """Config value (which ``load_config`` filled from $MLFLOW_TRACKING_URI on the driver), else
-    a SQLite file in the run folder; never this process's environment, which a worker may lack."""
+def resolve_uri(configured: str, folder: Path) -> str:
+    """The MLflow store of a run or a sweep: ``tracking.uri`` (which ``load_config`` filled from
+    $MLFLOW_TRACKING_URI where the config was loaded), else a SQLite file in ``folder``; never this
+    process's environment, which a worker may lack."""
     if configured:
         return configured
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
 
 
 def artifact_location(uri: str) -> str | None:

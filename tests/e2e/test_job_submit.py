@@ -32,6 +32,7 @@ def make_tree(root: Path) -> None:
         "outputs/demo/x.bin": 3000, "runs/r/ckpt.pt": 4000, ".git/objects/ab": 700,
         ".venv/lib/big.so": 9000, "launch/__pycache__/job.cpython-311.pyc": 300,
         "mlflow.db": 800, "secret.log": 200, "scratch/notes.txt": 64, "sub/data/keep.npy": 128,
+        "sub/a.tmp": 10, "sub/keep.tmp": 12,
     }
     for rel, size in files.items():
         path = root / rel
@@ -40,6 +41,7 @@ def make_tree(root: Path) -> None:
     (root / "empty").mkdir()
     (root / ".gitignore").write_text("*.log\n")
     (root / ".rayignore").write_text("scratch\n")
+    (root / "sub" / ".rayignore").write_text("# below sub/ only\n*.tmp\n!keep.tmp\n")
 
 
 def test_upload_size_is_the_size_of_rays_own_package(tmp_path: Path) -> None:
@@ -55,10 +57,11 @@ def test_upload_size_is_the_size_of_rays_own_package(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(package).namelist())
     # data, outputs, run folders, stores, caches, VCS, .gitignore'd and .rayignore'd files stay
     # home; only the top-level data/ is excluded, not a package's own data/ folder
-    assert {"launch/job.py", "configs/a.yaml", "sub/data/keep.npy", "empty/"} <= names
+    assert {"launch/job.py", "configs/a.yaml", "sub/data/keep.npy", "sub/keep.tmp",
+            "empty/"} <= names
     assert not {n for n in names if n.startswith(("data/", "outputs/", "runs/", ".git/",
                                                    ".venv/", "scratch/"))
-                or n.endswith((".pyc", ".db", ".log"))}
+                or n.endswith((".pyc", ".db", ".log", "a.tmp"))}
     assert set(per_entry) == {"launch/", "configs/", "sub/", "empty/", ".gitignore",
                               ".rayignore"}
 
@@ -77,11 +80,36 @@ def test_an_oversized_working_dir_is_refused_naming_what_to_exclude(tmp_path: Pa
     assert ".rayignore" in message
 
 
-def test_rays_upload_limit_is_the_grpc_message_size() -> None:
-    from ray._private.ray_constants import GRPC_CPP_MAX_MESSAGE_SIZE
+def test_gitignore_patterns_read_as_rays_bundled_pathspec() -> None:
+    """Ray's own reader (its private copy of pathspec) is the reference for every pattern form."""
+    from ray._private.thirdparty.pathspec import PathSpec
 
-    if "RAY_max_grpc_message_size" not in os.environ:
-        assert sub.upload_limit() == GRPC_CPP_MAX_MESSAGE_SIZE == 512 * 2**20
+    patterns = ["*.log", "/data", "data/", "/build/", "a/**/b", "**/x", "doc/**", "**", "**/",
+                "foo/*", "*/c", "*", "?.txt", "[ab]*.py", "[!a]z", "[^a]q", "[]a]x", "x[",
+                "a\\*b", "\\#hash", "\\!bang", "#comment", "", "  ", "/", "sub/data", "a/b",
+                "!keep.log", "!/data", "*.tar.gz", ".venv", "*.egg-info"]
+    paths = [".", "a.log", "x/a.log", "data", "data/f", "sub/data", "sub/data/f", "a/b", "a/c",
+             "a/q/r/b", "a/b/c", "b", "x", "y/x", "y/x/z", "foo/a", "foo/a/b", "keep.log", "#hash",
+             "!bang", "a.py", "b1.py", "c.py", "az", "bz", "aq", "bq", "^q", "]x", "ax", "x[",
+             "a*b", "axb", "doc", "doc/x", "build", "build/o", "1.txt", "12.txt", "f.tar.gz",
+             ".venv/lib", "q/venv", "d.egg-info/x"]
+    for pattern in patterns:
+        ours = sub._matcher(Path("/w"), [pattern])
+        theirs = PathSpec.from_lines("gitwildmatch", [pattern])
+        assert [ours(Path("/w", p)) for p in paths] == [theirs.match_file(p) for p in paths], pattern
+    lines = ["*.log", "!keep.log", "sub/", "!sub/data", "data", "!/data"]
+    ours, theirs = sub._matcher(Path("/w"), lines), PathSpec.from_lines("gitwildmatch", lines)
+    assert [ours(Path("/w", p)) for p in paths] == [theirs.match_file(p) for p in paths]
+
+
+def test_rays_upload_limit_is_the_grpc_message_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    assert sub.upload_limit() == GCS_STORAGE_MAX_SIZE  # what this process's Ray read
+    monkeypatch.delenv("RAY_max_grpc_message_size", raising=False)
+    assert sub.upload_limit() == 512 * 2**20
+    monkeypatch.setenv("RAY_max_grpc_message_size", str(2**20))
+    assert sub.upload_limit() == 2**20
 
 
 def test_job_command_is_ray_job_submit_of_the_entry() -> None:

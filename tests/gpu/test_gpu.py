@@ -6,10 +6,13 @@ Run with ``make test-gpu`` (also runs ``python -m bench.gpu``); skipped without 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from bench.gpu_world import write_tvr_split
+from bench.gpu_world import QUERY_DIM, VIDEO_DIM, tvr_sample
+from sharding.writer import write_split
 from trainer.checkpoint import latest
 from trainer.config import load_config
 from trainer.recipe import Recipe
@@ -20,6 +23,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 class _Interrupt(Exception):
     pass
+
+
+def write_tvr_split(out: Path, split: str, videos: int, seed: int = 0) -> Path:
+    """``videos`` random TVR-dim videos as shards with raw teacher frames; returns the folder."""
+    write_split(out / split, split, [str(i) for i in range(videos)],
+                lambda i: tvr_sample(int(i), seed), videos_per_shard=64,
+                dims={"video_dim": VIDEO_DIM, "query_dim": QUERY_DIM, "image_size": 224},
+                notes={"world": "random TVR-dim features for the GPU suite"}, progress=False)
+    return out / split
 
 
 def _config(shards, storage):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import sweep
+from launch import sweep, sweep_spec
 from trainer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,19 +30,19 @@ SEEDS = [1, 2, 3, 4, 5]
 def variant_config(spec, cfg, name: str, seed: int = 1, storage: str = "/tmp/s/trials",
                    uri: str = "sqlite:///x.db", **extra):
     """A trial's config exactly as the sweep builds it (base, variant bundle, values)."""
-    values = {sweep.VARIANT_KEY: name, "train.seed": seed, **extra}
+    values = {sweep_spec.VARIANT_KEY: name, "train.seed": seed, **extra}
     return sweep.trial_config(cfg.to_dict(), values, sweep=spec.name, trial_id=f"t_{name}",
                               storage=storage, uri=uri, parent_run_id="", variants=spec.variants)
 
 
 def test_ablation_sweep_is_ten_variants_by_five_paired_seeds() -> None:
-    cfg, spec = sweep.load_sweep(ABLATION, [])
+    cfg, spec = sweep_spec.load_sweep(ABLATION, [])
     assert list(spec.variants) == list(EXPECTED)
     assert spec.space == {"train.seed": {"grid": SEEDS}}
     assert spec.search_alg == "grid" and spec.num_samples == 1 and spec.teacher_eval
-    space = sweep.tune_space(spec, cfg)
+    space = sweep_spec.tune_space(spec, cfg)
     assert space == {"train.seed": {"grid_search": SEEDS},
-                     sweep.VARIANT_KEY: {"grid_search": list(EXPECTED)}}
+                     sweep_spec.VARIANT_KEY: {"grid_search": list(EXPECTED)}}
     # the horizon spans the run: the schedules traverse the paper's 120 epochs
     assert cfg.loss.schedule_epochs == 120
     for name, (branches, kd, targets, shuffle) in EXPECTED.items():
@@ -56,7 +56,7 @@ def test_ablation_sweep_is_ten_variants_by_five_paired_seeds() -> None:
 
 
 def test_claims_compare_variants_that_differ_in_the_claimed_switch_only() -> None:
-    cfg, spec = sweep.load_sweep(ABLATION, [])
+    cfg, spec = sweep_spec.load_sweep(ABLATION, [])
     assert set(spec.claims) >= {"dual_beats_single_branch", "dynamic_beats_static_kd",
                                 "soft_beats_hard_targets", "teacher_beats_no_teacher",
                                 "teacher_beats_shuffled_teacher"}
@@ -69,15 +69,15 @@ def test_claims_compare_variants_that_differ_in_the_claimed_switch_only() -> Non
     from trainer.config import ConfigError
 
     with pytest.raises(ConfigError, match="sweep.claims.x.worse='nope' is not a variant"):
-        sweep.parse_sweep({"variants": {"a": {"loss.kd": "off"}},
-                           "claims": {"x": {"better": "a", "worse": "nope"}}}, cfg)
+        sweep_spec.parse_sweep({"variants": {"a": {"loss.kd": "off"}},
+                                "claims": {"x": {"better": "a", "worse": "nope"}}}, cfg)
 
 
 def test_variants_share_one_setting_the_tiny_preset() -> None:
     """Only the variant bundles and the seed differ between trials, and the shared setting is
     configs/tiny.yaml's model, loss, optimiser and schedule (no per-variant tuning); the keys
     in run-length units (the schedule horizon, the epoch hard negatives start) follow the run."""
-    cfg, spec = sweep.load_sweep(ABLATION, [])
+    cfg, spec = sweep_spec.load_sweep(ABLATION, [])
     flats = {n: variant_config(spec, cfg, n).flat() for n in EXPECTED}
     allowed = {k for bundle in spec.variants.values() for k in bundle} | {"run.name"}
     differing = {k for k in flats["dldkdpp"] if len({repr(f[k]) for f in flats.values()}) > 1}
@@ -93,18 +93,18 @@ def test_variants_share_one_setting_the_tiny_preset() -> None:
 
 
 def test_a_variant_and_a_space_key_cannot_both_set_a_key() -> None:
-    cfg, _ = sweep.load_sweep(ABLATION, [])
+    cfg, _ = sweep_spec.load_sweep(ABLATION, [])
     from trainer.config import ConfigError
 
     with pytest.raises(ConfigError, match="sweep.variants.a sets .'train.seed'."):
-        sweep.parse_sweep({"space": {"train.seed": {"grid": [1]}},
-                           "variants": {"a": {"train.seed": 2}}}, cfg)
+        sweep_spec.parse_sweep({"space": {"train.seed": {"grid": [1]}},
+                                "variants": {"a": {"train.seed": 2}}}, cfg)
     with pytest.raises(ConfigError, match="sweep.variants.b gives an invalid config"):
-        sweep.parse_sweep({"variants": {"b": {"loss.kd": "sometimes"}}}, cfg)
+        sweep_spec.parse_sweep({"variants": {"b": {"loss.kd": "sometimes"}}}, cfg)
     with pytest.raises(ConfigError, match="unknown config key 'loss.kdd'"):
-        sweep.parse_sweep({"variants": {"c": {"loss.kdd": "off"}}}, cfg)
+        sweep_spec.parse_sweep({"variants": {"c": {"loss.kdd": "off"}}}, cfg)
     with pytest.raises(ConfigError, match="the sweep sets for each trial"):
-        sweep.parse_sweep({"variants": {"d": {"run.name": "x"}}}, cfg)
+        sweep_spec.parse_sweep({"variants": {"d": {"run.name": "x"}}}, cfg)
 
 
 @pytest.mark.slow
@@ -118,7 +118,7 @@ def test_every_variant_trains_one_step(name: str, world: Path, tiny_teacher: str
     from trainer.run import train
 
     store = tmp_path_factory.getbasetemp() / "ablation-mlflow.db"
-    cfg, spec = sweep.load_sweep(ABLATION, [])
+    cfg, spec = sweep_spec.load_sweep(ABLATION, [])
     c = variant_config(spec, cfg, name, storage=str(tmp_path_factory.mktemp("runs")),
                        uri=f"sqlite:///{store}", **{
                            "data.train": str(world / "train"), "data.val": "", "data.test": "",
@@ -152,7 +152,7 @@ def test_teacher_quality_is_logged_once_per_teacher(world: Path, tiny_teacher: s
 
     import trainer.teacher_pretrain as tp
 
-    cfg, spec = sweep.load_sweep(ABLATION, [])
+    cfg, spec = sweep_spec.load_sweep(ABLATION, [])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = variant_config(spec, cfg, "dldkdpp", storage=str(tmp_path / "trials"), uri=uri, **{
         "data.val": str(world / "val"), "teacher.pretrained": tiny_teacher})

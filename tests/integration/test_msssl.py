@@ -9,8 +9,8 @@ import pytest
 from sharding import msssl
 from sharding.msssl import ReleaseError, convert
 from sharding.reader import read_all
-from sharding.writer import verify_shards
 from tests.release_fixture import make_release
+from tests.shard_check import verify_shards
 
 
 def _ufs(x: np.ndarray, m: int) -> np.ndarray:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.validate import FAIL, OK, WARN, validate_run
+from launch.validate import validate_run
+from launch.validate_report import FAIL, OK, WARN
 from sharding.msssl import convert
 from tests.release_fixture import make_release
 

@@ -9,13 +9,14 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
-from sharding.batch import VideoSample
+from sharding.batch import VideoSample, collate
 from sharding.preprocess import prepare_frames, prepare_tokens
 from sharding.reader import BadDataError, ShardReader, read_all
 from sharding.schema import UnsafeMemberError, encode_sample
-from sharding.writer import (ManifestError, SkipVideo, load_manifest, verify_shards,
-                             write_split)
+from sharding.writer import ManifestError, SkipVideo, load_manifest, write_split
+from tests.shard_check import verify_shards
 
 DIMS = {"video_dim": 8, "query_dim": 6}
 
@@ -182,6 +183,27 @@ def test_resampled_is_deterministic_and_resumes_exactly(split_dir):
     assert _epoch_ids(reader(rank=1), epoch=2) != full
     for start in (1, 4, 8):
         assert _epoch_ids(reader(), epoch=2, start_step=start) == full[start:]
+
+
+@pytest.mark.parametrize("true_epochs", [True, False])
+def test_batches_are_fresh_collates_whatever_the_loader_workers(split_dir, true_epochs):
+    """Workers collate float16 features into shared memory, the reader alone into reused
+    buffers, and the reader casts them to float32. Every batch of an epoch, all held at once,
+    equals a fresh collate, and true epochs give the same batches with any worker count."""
+    by_id = {s.video_id: s for s in read_all(split_dir)}
+    ids = []
+    for workers in (0, 1, 2):
+        batches = list(ShardReader(split_dir, batch_videos=5, loader_workers=workers,
+                                   steps_per_epoch=4, seed=3, true_epochs=true_epochs).epoch(1))
+        ids.append([b.video_ids for b in batches])
+        for b in batches:
+            assert b.video_feats.dtype == b.query_feats.dtype == torch.float32
+            fresh = collate([by_id[v] for v in b.video_ids])
+            for name in ("video_feats", "query_feats", "video_mask", "query_mask", "labels",
+                         "video_rows", "query_rows", "teacher_index"):
+                x, y = getattr(b, name), getattr(fresh, name)
+                assert x.dtype == y.dtype and torch.equal(x, y), (workers, name)
+    assert not true_epochs or ids[0] == ids[1] == ids[2]
 
 
 def _tar(path, samples):

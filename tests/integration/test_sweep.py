@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import sweep
+from launch import report_render, report_stats, sweep, sweep_spec
 from trainer.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +25,7 @@ def tiny() -> Config:
 def test_each_domain_becomes_the_tune_domain_it_names() -> None:
     from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
 
-    space = sweep.build_space({
+    space = sweep_spec.build_space({
         "optim.lr": {"loguniform": [1e-4, 1e-3]},
         "loss.kd_temp": {"uniform": [0.1, 0.5]},
         "model.inh_weight": {"quniform": [0.5, 0.9, 0.1]},
@@ -66,7 +66,7 @@ def test_each_domain_becomes_the_tune_domain_it_names() -> None:
 ])
 def test_bad_space_names_the_key(space: dict, message: str) -> None:
     with pytest.raises(ConfigError, match="sweep.space.") as err:
-        sweep.build_space(space, tiny())
+        sweep_spec.build_space(space, tiny())
     assert message in str(err.value)
 
 
@@ -88,40 +88,40 @@ def test_bad_space_names_the_key(space: dict, message: str) -> None:
 ])
 def test_bad_sweep_section_is_named(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        sweep.parse_sweep(raw, tiny())
+        sweep_spec.parse_sweep(raw, tiny())
     assert message in str(err.value)
 
 
 def test_grid_search_alg_turns_choices_into_grid_axes() -> None:
-    spec = sweep.parse_sweep({"search_alg": "grid", "space": {
+    spec = sweep_spec.parse_sweep({"search_alg": "grid", "space": {
         "loss.targets": {"choice": ["soft", "hard"]}, "train.seed": {"grid": [1, 2]}}}, tiny())
-    assert sweep.tune_space(spec, tiny()) == {"loss.targets": {"grid_search": ["soft", "hard"]},
-                                              "train.seed": {"grid_search": [1, 2]}}
+    assert sweep_spec.tune_space(spec, tiny()) == {
+        "loss.targets": {"grid_search": ["soft", "hard"]}, "train.seed": {"grid_search": [1, 2]}}
 
 
 def test_asha_max_t_defaults_to_the_run_length_in_steps() -> None:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["data.steps_per_epoch=5", "train.epochs=3"])
-    spec = sweep.parse_sweep({"scheduler": {"type": "asha", "grace_period": 5}}, cfg)
+    spec = sweep_spec.parse_sweep({"scheduler": {"type": "asha", "grace_period": 5}}, cfg)
     assert spec.scheduler.max_t == 15
     assert spec.name == "tiny"  # the run name, when the sweep names none
 
 
 def test_load_sweep_splits_config_and_sweep_overrides(tmp_path: Path) -> None:
-    cfg, spec = sweep.load_sweep(ROOT / "configs" / "sweep-demo.yaml", [
+    cfg, spec = sweep_spec.load_sweep(ROOT / "configs" / "sweep-demo.yaml", [
         "data.train=/x/train", "sweep.num_samples=3", "sweep.scheduler.type=asha",
         "sweep.scheduler.max_t=32", "sweep.name=other"])
     assert cfg.data.train == "/x/train"
     assert (spec.num_samples, spec.scheduler.type, spec.scheduler.max_t, spec.name) == (
         3, "asha", 32, "other")
     with pytest.raises(ConfigError, match="edit the YAML's sweep.space"):
-        sweep.load_sweep(ROOT / "configs" / "sweep-demo.yaml", ["sweep.space.optim.lr=1"])
+        sweep_spec.load_sweep(ROOT / "configs" / "sweep-demo.yaml", ["sweep.space.optim.lr=1"])
 
 
 def test_shipped_sweeps_load_with_their_documented_overrides(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg, spec = sweep.load_sweep(ROOT / "configs" / "sweep-demo.yaml",
-                                 [f"run.storage={tmp_path}"])
+    cfg, spec = sweep_spec.load_sweep(ROOT / "configs" / "sweep-demo.yaml",
+                                      [f"run.storage={tmp_path}"])
     assert spec.num_samples * len(spec.space["optim.lr"]["grid"]) == 2
     assert (cfg.dist.num_workers, spec.search_alg) == (2, "grid")
     # driver and workers share one store: by default a SQLite file in the sweep's folder
@@ -130,9 +130,9 @@ def test_shipped_sweeps_load_with_their_documented_overrides(
              "dist.use_gpu=true"]
     # with shards and runs on S3, MLflow must be a server (the k8s pods set the variable)
     with pytest.raises(ConfigError, match="tracking.uri"):
-        sweep.load_sweep(ROOT / "configs" / "sweep-tvr.yaml", on_s3)
+        sweep_spec.load_sweep(ROOT / "configs" / "sweep-tvr.yaml", on_s3)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    cfg, spec = sweep.load_sweep(ROOT / "configs" / "sweep-tvr.yaml", on_s3)
+    cfg, spec = sweep_spec.load_sweep(ROOT / "configs" / "sweep-tvr.yaml", on_s3)
     assert spec.scheduler.type == "asha" and spec.metric == "val/SumR"
     assert sweep.tracking_uri(cfg, spec) == "http://mlflow:5000"
     assert sweep.experiment_path(cfg, spec) == "s3://b/runs/tvr-dldkdpp-sweep"
@@ -202,7 +202,7 @@ HISTORIES = {
 
 
 def test_trial_rows_take_each_trials_best_eval_sorted() -> None:
-    rows = sweep.trial_rows(HISTORIES, "val/SumR", "max")
+    rows = report_stats.trial_rows(HISTORIES, "val/SumR", "max")
     # reference: best SumR per trial by a plain loop
     best = {}
     for label, history in HISTORIES.items():
@@ -215,14 +215,15 @@ def test_trial_rows_take_each_trials_best_eval_sorted() -> None:
     a = dict(rows)["s-a"]
     assert (a["SumR"], a["R1"], a["R5"], a["R10"], a["R100"], a["step"]) == (
         150.0, 10.0, 30.0, 40.0, 70.0, 8.0)
-    worst_first = sweep.trial_rows(HISTORIES, "val/SumR", "min")
+    worst_first = report_stats.trial_rows(HISTORIES, "val/SumR", "min")
     assert [label for label, _ in worst_first] == ["s-a", "s-b"]
     assert dict(worst_first)["s-a"]["SumR"] == 100.0
 
 
-def test_markdown_table_and_plot(tmp_path: Path) -> None:
-    rows = sweep.trial_rows(HISTORIES, "val/SumR", "max")
-    text = sweep.markdown_table(rows, {"s-a": {"optim.lr": 0.0003}, "s-b": {"optim.lr": 0.001}})
+def test_trials_table_and_plot(tmp_path: Path) -> None:
+    rows = report_stats.trial_rows(HISTORIES, "val/SumR", "max")
+    text = report_render.trials_table(rows, {"s-a": {"optim.lr": 0.0003},
+                                             "s-b": {"optim.lr": 0.001}})
     lines = text.strip().splitlines()
     assert lines[0].startswith("| trial | optim.lr | R1 | R5 | R10 | R100 | SumR |")
     assert lines[2].startswith("| s-b | 0.001 | 12.00 | 33.00 | 45.00 | 70.00 | 160.00 |")
@@ -231,7 +232,8 @@ def test_markdown_table_and_plot(tmp_path: Path) -> None:
 
     from matplotlib.image import imread
 
-    path = sweep.plot_curves(HISTORIES, "val/SumR", tmp_path / "out" / "sumr.png")
+    path = report_render.plot_curves(report_stats.trial_curves(HISTORIES, "val/SumR"),
+                                     tmp_path / "out" / "sumr.png", "val/SumR", "trials")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert imread(path).shape[:2] == (450, 700)
     assert not list(path.parent.glob("*.tmp"))
@@ -280,13 +282,13 @@ def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> Non
                       .replace("VAL", str(world / "val")))
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
-        cfg, spec = sweep.load_sweep(config, [f"data.train={tmp_path / 'missing'}"])
+        cfg, spec = sweep_spec.load_sweep(config, [f"data.train={tmp_path / 'missing'}"])
         with pytest.raises(RuntimeError, match="no trial reported val/SumR"):
             sweep.run_sweep(cfg, spec)
         first = sorted(p.name for p in (tmp_path / "runs" / "resume-it").glob("resume-it-*"))
         assert len(first) == 1
 
-        cfg, spec = sweep.load_sweep(config, [f"data.train={world / 'train'}"])
+        cfg, spec = sweep_spec.load_sweep(config, [f"data.train={world / 'train'}"])
         result = sweep.run_sweep(cfg, spec)
     finally:
         ray.shutdown()
@@ -340,7 +342,7 @@ def test_asha_stops_a_trial_on_an_evaluation_without_a_checkpoint(world: Path,
     config = tmp_path / "sweep.yaml"
     config.write_text(textwrap.dedent(ASHA_YAML).replace("STORAGE", str(tmp_path / "runs"))
                       .replace("TRAIN", str(world / "train")).replace("VAL", str(world / "val")))
-    cfg, spec = sweep.load_sweep(config, [])
+    cfg, spec = sweep_spec.load_sweep(config, [])
     assert cfg.train.ckpt_every == 2 * cfg.train.eval_every
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:

@@ -53,7 +53,9 @@ def _worker(rank: int, port: int, ckpt: str, bad_ckpt: str, cache_dir: str, out_
     try:
         from trainer import dist
         from trainer.config import TeacherConfig
-        from trainer.teacher import TeacherError, build_teacher, param_fraction
+        from trainer.teacher import build_teacher
+        from trainer.teacher_placement import param_fraction
+        from trainer.teacher_weights import TeacherError
 
         dist.init(use_gpu=False)
         cfg = TeacherConfig(arch="teacher-tiny", model_config=TINY, pretrained=ckpt,

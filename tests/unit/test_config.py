@@ -107,3 +107,14 @@ def test_every_key_is_described_and_rebuilt_as_is(tmp_path):
 
 def test_schedule_choices_are_the_shapes():
     assert set(get_args(fields_by_key()["loss.kd_schedule"].annotation)) == set(KD_SHAPES)
+
+
+def test_min_workers_makes_the_run_elastic_up_to_num_workers():
+    from launch.train import workers
+
+    assert workers(from_dict({"dist": {"num_workers": 3, "min_workers": 1}})) == (1, 3)
+    assert workers(from_dict({"dist": {"num_workers": 3}})) == 3
+    with pytest.raises(ConfigError, match="dist.min_workers=4 must be <= dist.num_workers=3"):
+        from_dict({"dist": {"num_workers": 3, "min_workers": 4}})
+    with pytest.raises(ConfigError, match="needs dist.zero_stage <= 2"):
+        from_dict({"dist": {"num_workers": 3, "min_workers": 1, "zero_stage": 3}})

@@ -68,7 +68,8 @@ def test_precomputed_teacher_targets_on_the_inputs_device():
 
 def test_online_teacher_encodes_and_scatters_on_its_device():
     """Frames are selected on the host (cache keys), encoded and scattered on the device."""
-    from trainer.teacher import RawFeatures, Teacher, build_teacher
+    from trainer.teacher import Teacher, build_teacher
+    from trainer.teacher_placement import RawFeatures
 
     cfg = TeacherConfig(arch="teacher-tiny", model_config="configs/teacher-tiny.json",
                         cache=False)

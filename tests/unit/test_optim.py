@@ -62,3 +62,25 @@ def test_bert_adam_updates_many_tensors_as_the_formula_per_tensor():
             refs[k] = refs[k] - 0.05 * (m / (v.sqrt() + 1e-6) + 0.01 * refs[k])
     for p, ref in zip(params, refs):
         torch.testing.assert_close(p.detach(), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_seek_puts_the_schedule_where_stepping_would():
+    from trainer.optim import build_scheduler, seek
+
+    def fresh():
+        opt = BertAdam([nn.Parameter(torch.zeros(2))], lr=0.1)
+        return opt, build_scheduler(opt, 20, 0.1)
+
+    stepped_opt, stepped = fresh()
+    for _ in range(7):
+        stepped_opt.step()
+        stepped.step()
+    sought_opt, sought = fresh()
+    seek(sought, 7)
+    assert sought.get_last_lr() == stepped.get_last_lr()
+    assert sought_opt.param_groups[0]["lr"] == stepped_opt.param_groups[0]["lr"]
+    sought_opt.step()
+    sought.step()
+    stepped_opt.step()
+    stepped.step()
+    assert sought.get_last_lr() == stepped.get_last_lr()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import report, sweep
+from launch import report, report_mlflow, report_render, report_stats, sweep, sweep_spec
 from launch.cli import main as cli
 from trainer.tracking import Tracker
 
@@ -35,13 +35,13 @@ STEPS = (10, 20, 30)
 def fabricate(tmp: Path, name: str, runs: dict) -> str:
     """A finished sweep ``name`` in the SQLite store under ``tmp``; returns the tracking URI."""
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg, spec = sweep.load_sweep(ROOT / "configs" / "ablation.yaml",
-                                 [f"run.storage={tmp}", f"sweep.name={name}"])
+    cfg, spec = sweep_spec.load_sweep(ROOT / "configs" / "ablation.yaml",
+                                      [f"run.storage={tmp}", f"sweep.name={name}"])
     parent = sweep._parent_tracker(cfg, spec, uri)
     for variant, seeds in runs.items():
         for seed, (history, test, teacher) in enumerate(seeds, 1):
             trial = sweep.trial_config(
-                cfg.to_dict(), {sweep.VARIANT_KEY: variant, "train.seed": seed}, sweep=name,
+                cfg.to_dict(), {sweep_spec.VARIANT_KEY: variant, "train.seed": seed}, sweep=name,
                 trial_id=f"{variant}_{seed}", storage=str(tmp / "trials"), uri=uri,
                 parent_run_id=parent.run_id, variants=spec.variants)
             sweep.label_trial_run(trial, variant, None)
@@ -64,8 +64,8 @@ def fabricate(tmp: Path, name: str, runs: dict) -> str:
             run.log_metrics({"perf/wall_s": 60.0 * seed, "best_SumR": max(history)}, STEPS[-1])
             run.finish()
     # a trial the scheduler stopped before it logged anything
-    stopped = sweep.trial_config(cfg.to_dict(), {sweep.VARIANT_KEY: "dldkdpp_teacher10",
-                                                 "train.seed": 3}, sweep=name, trial_id="x_3",
+    stopped = sweep.trial_config(cfg.to_dict(), {sweep_spec.VARIANT_KEY: "dldkdpp_teacher10",
+                                                  "train.seed": 3}, sweep=name, trial_id="x_3",
                                  storage=str(tmp / "trials"), uri=uri,
                                  parent_run_id=parent.run_id, variants=spec.variants)
     sweep.label_trial_run(stopped, "dldkdpp_teacher10", None)
@@ -145,7 +145,7 @@ def test_report_of_a_finished_sweep(store: str, tmp_path: Path, capsys) -> None:
         assert f"]({png})" in text
     assert not list(out.glob("*.tmp"))
     client = MlflowClient(store)
-    parent = report.find_sweep(client, "abl", store)
+    parent = report_mlflow.find_sweep(client, "abl", store)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
         "report/report.md", "report/curves.png", "report/teacher_quality.png",
         "report/kd_gain.png"}
@@ -185,7 +185,8 @@ def test_unknown_sweep_fails_naming_the_sweeps_there(store: str, capsys) -> None
 def test_the_store_comes_from_the_environment_or_an_error(
         store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(report.ReportError, match="pass --tracking-uri or set MLFLOW_TRACKING_URI"):
+    with pytest.raises(report_mlflow.ReportError,
+                       match="pass --tracking-uri or set MLFLOW_TRACKING_URI"):
         report.write_report(sweep="abl")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     path = report.write_report(sweep="other", out=tmp_path / "o")
@@ -200,28 +201,28 @@ def test_an_experiment_report_takes_every_trial_run(store: str, tmp_path: Path) 
     path = report.write_report(experiment="dldkd", tracking_uri=store, out=tmp_path / "e")
     ablation = table(path.read_text(), "Ablation")
     assert int(ablation["dldkd"][0]) == 2  # one from each sweep; the parent runs are left out
-    with pytest.raises(report.ReportError, match="experiments there: Default, dldkd"):
+    with pytest.raises(report_mlflow.ReportError, match="experiments there: Default, dldkd"):
         report.write_report(experiment="nope", tracking_uri=store)
 
 
-def record(variant: str, **params: str) -> report.RunRecord:
+def record(variant: str, **params: str) -> report_mlflow.RunRecord:
     base = {"model.branches": "dual", "loss.kd": "dynamic", "loss.targets": "soft",
             "train.seed": "1", "run.name": variant + params.get("train.seed", "1")}
-    return report.RunRecord("id", "n", "FINISHED", {**base, **params}, variant=variant)
+    return report_mlflow.RunRecord("id", "n", "FINISHED", {**base, **params}, variant=variant)
 
 
 def test_labels_name_the_variant_or_the_params_that_differ() -> None:
     runs = [record("", **{"optim.lr": "0.001"}), record("", **{"optim.lr": "0.003"}),
             record("", **{"optim.lr": "0.003", "train.seed": "2"})]
-    report.assign_labels(runs)
+    report_stats.assign_labels(runs)
     assert [r.label for r in runs] == ["optim.lr=0.001", "optim.lr=0.003", "optim.lr=0.003"]
     runs = [record("a", **{"teacher.pretrained": "x/t1.pt"}),
             record("a", **{"teacher.pretrained": "x/t2.pt"}), record("b")]
-    report.assign_labels(runs)
+    report_stats.assign_labels(runs)
     assert [r.label for r in runs] == ["a teacher.pretrained=t1.pt",
                                        "a teacher.pretrained=t2.pt", "b"]
     lone = [record("")]
-    report.assign_labels(lone)
+    report_stats.assign_labels(lone)
     assert lone[0].label == "all runs"
 
 
@@ -233,8 +234,8 @@ def test_teacher_series_group_distilled_runs_apart_from_the_teacher() -> None:
                                "loss.targets": "hard"})]
     for r, teacher in zip(runs, (180.0, 115.0, 180.0, None)):
         r.test, r.teacher_sumr = {"SumR": 1.0}, teacher
-        r.uses_teacher = report._uses_teacher(r.params)
-    series, base = report.teacher_series(runs)
+        r.uses_teacher = report_mlflow._uses_teacher(r.params)
+    series, base = report_stats.teacher_series(runs)
     assert {k: [r.variant for r in v] for k, v in series.items()} == {
         "dldkdpp": ["dldkdpp", "dldkdpp_t10"]}  # dldkd was seen with one teacher only
     assert [r.variant for r in base] == ["explo"]
@@ -242,18 +243,18 @@ def test_teacher_series_group_distilled_runs_apart_from_the_teacher() -> None:
 
 def test_mean_std_and_mean_curve_against_a_loop() -> None:
     values = [150.0, 160.0, 170.0]
-    assert report.mean_std(values) == (statistics.fmean(values), 10.0)
-    mean, std = report.mean_std([3.0])
+    assert report_stats.mean_std(values) == (statistics.fmean(values), 10.0)
+    mean, std = report_stats.mean_std([3.0])
     assert mean == 3.0 and math.isnan(std)
     a, b = record("v"), record("v")
     a.curve, b.curve = [(10, 1.0), (20, 3.0)], [(10, 2.0)]
-    assert report.mean_curve([a, b]) == [(10, 1.5, 2), (20, 3.0, 1)]
+    assert report_stats.mean_curve([a, b]) == [(10, 1.5, 2), (20, 3.0, 1)]
 
 
 def test_runs_selected_on_the_test_split_are_flagged() -> None:
-    records = [report.RunRecord("a", "run-a", "FINISHED", {}, val_is_test=True),
-               report.RunRecord("b", "run-b", "FINISHED", {})]
-    text = report.render("t", [], records, {"curves": Path("curves.png")}, "no teacher")
+    records = [report_mlflow.RunRecord("a", "run-a", "FINISHED", {}, val_is_test=True),
+               report_mlflow.RunRecord("b", "run-b", "FINISHED", {})]
+    text = report_render.render("t", [], records, {"curves": Path("curves.png")}, "no teacher")
     assert "**Validation was the test split** for 1 of 2 runs" in text and "run-a" in text
-    text = report.render("t", [], records[1:], {"curves": Path("curves.png")}, "no teacher")
+    text = report_render.render("t", [], records[1:], {"curves": Path("curves.png")}, "no teacher")
     assert "Validation was the test split" not in text

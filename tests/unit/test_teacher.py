@@ -21,8 +21,11 @@ from PIL import Image
 from sharding.batch import VideoSample, align_index, collate
 from trainer.config import TeacherConfig
 from trainer.losses import PAD_SCORE
-from trainer.teacher import (TeacherError, build_teacher, param_fraction, preprocess_frames,
-                             resolve_weights, similarity_targets)
+from trainer.teacher import build_teacher
+from trainer.teacher_placement import param_fraction
+from trainer.teacher_targets import similarity_targets
+from trainer.teacher_transform import preprocess_frames
+from trainer.teacher_weights import TeacherError, resolve_weights
 from trainer.teacher_cache import FrameEmbeddingCache
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from launch import cli
-from launch.validate import (FAIL, OK, WARN, activation_elements, estimate_memory,
-                             exact_batches_per_rank, student_param_count, teacher_param_count,
-                             validate_run)
+from launch.validate import exact_batches_per_rank, validate_run
+from launch.validate_memory import (activation_elements, estimate_memory, student_param_count,
+                                    teacher_param_count)
+from launch.validate_report import FAIL, OK, WARN
 from sharding.batch import Batch
 from sharding.reader import ShardReader
 from sharding.synthetic import build_world
@@ -473,21 +474,52 @@ def test_teacher_parameter_count_matches_a_built_model(good):
     assert teacher_param_count(cfg) == sum(p.numel() for p in built.parameters())
 
 
+TINY_MODEL = {"model.video_dim": 128, "model.query_dim": 64, "model.hidden": 128,
+              "model.heads": 4, "model.max_frames": 128}
+
+
+@pytest.fixture(scope="module")
+def measured_states() -> dict[str, int]:
+    """What a real student and its optimizer hold after one step, in float32."""
+    from trainer.optim import build_optimizer
+    from trainer.student import DualStudent
+
+    cfg = load_config(None, TINY_MODEL)
+    model = DualStudent(cfg.model)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    optimizer = build_optimizer(model, cfg.optim)
+    optimizer.step()
+    params = list(model.parameters())
+    return {"elements": sum(q.numel() for q in params),
+            "params": sum(q.nbytes for q in params), "grads": sum(q.grad.nbytes for q in params),
+            "optimizer": sum(t.nbytes for state in optimizer.state.values()
+                             for t in state.values() if torch.is_tensor(t))}
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_zero_stages_divide_model_states(stage, precision):
-    n, p, t = 4, 1000, 500
-    cfg = load_config(None, {"dist.num_workers": n, "dist.zero_stage": stage,
+def test_zero_stages_divide_model_states(stage, precision, measured_states):
+    """fp32: the measured states. bf16 (DeepSpeed's layout): bf16 params and grads, and an fp32
+    master copy beside the fp32 moments. ZeRO-1 partitions the optimizer state over the workers,
+    ZeRO-2 also the gradients, ZeRO-3 also the params; a zero3 teacher is partitioned too."""
+    n, t = 4, 500
+    cfg = load_config(None, {**TINY_MODEL, "dist.num_workers": n, "dist.zero_stage": stage,
                              "dist.precision": precision, "teacher.placement": "zero3",
                              "dist.use_gpu": True})
     est = estimate_memory(cfg, teacher_params=t)
-    p = est.student_params
     rows = {r.item: r.bytes for r in est.rows}
-    param_b, grad_b, opt_b = (2, 2, 4 + 4 + 4) if precision == "bf16" else (4, 4, 4 + 4)
-    assert rows["student params"] == p * param_b / (n if stage == 3 else 1)
-    assert rows["gradients"] == p * grad_b / (n if stage >= 2 else 1)
-    assert rows["optimizer state"] == p * opt_b / (n if stage >= 1 else 1)
-    assert rows["teacher params"] == t * 2 / n
+    m, bf16 = measured_states, torch.empty(0, dtype=torch.bfloat16).element_size()
+    if precision == "fp32":
+        params, grads, optimizer = m["params"], m["grads"], m["optimizer"]
+    else:
+        params = grads = m["elements"] * bf16
+        optimizer = m["params"] + m["optimizer"]
+    assert est.student_params == m["elements"]
+    assert rows["student params"] == params / (n if stage == 3 else 1)
+    assert rows["gradients"] == grads / (n if stage >= 2 else 1)
+    assert rows["optimizer state"] == optimizer / (n if stage >= 1 else 1)
+    assert rows["teacher params"] == t * bf16 / n   # bf16 on GPUs
     assert est.total == pytest.approx(sum(rows.values()))
 
 

@@ -1,0 +1,232 @@
+"""One launch per run: a lease file in the run's storage, taken before Ray starts.
+
+``<run.storage>/<run.name>/lease.json`` names its holder (host, pid, when it started) and when
+it last renewed the lease. The launch renews it every ``ttl_s / 4`` seconds and deletes it at the
+end; a lease not renewed for ``ttl_s`` seconds (its driver crashed or its node was lost) may be
+taken over. Taking, renewing and taking over are each one atomic compare-and-set:
+
+- local (or shared) file system: the lease is written under a temporary name and hard-linked to
+  ``lease.json``, which fails if that name exists (an exclusive create, whole content at once);
+  a takeover first renames the stale lease aside, so of two launches only one can move it; the
+  holder renews by renaming a new version over its own;
+- S3: a conditional put, ``If-None-Match: *`` to take it, ``If-Match: <ETag>`` of the version
+  read to renew or take it over. A store that rejects conditional puts (HTTP 501) gets plain
+  puts, each read back: two launches in the same instant can then both pass.
+
+Staleness is judged with the holder's clock against the reader's: clocks must agree to well
+within ``ttl_s``.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from sharding.files import write_atomic
+from trainer import storage
+
+TTL_S = 120.0
+log = logging.getLogger("dldkd")
+
+
+class LeaseHeld(ValueError):
+    """Another launch holds the run; the message names the holder and what to do."""
+
+
+class _LocalFile:
+    """Compare-and-set on a file, the version being the lease's token."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def read(self) -> tuple[bytes, str] | None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, _token(data)
+
+    def create(self, data: bytes) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+
+    def replace(self, data: bytes, version: str) -> bool:
+        """Take over the lease ``version``: move it aside (one mover wins), check it is the one
+        read, create ours (a launch that creates in between wins instead)."""
+        aside = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.old")
+        try:
+            self.path.rename(aside)
+        except FileNotFoundError:
+            return False
+        moved = aside.read_bytes()
+        aside.unlink()
+        if _token(moved) != version:   # a newer lease: put it back
+            self.create(moved)
+            return False
+        return self.create(data)
+
+    def renew(self, data: bytes, version: str) -> bool:
+        """Overwrite in place (a rename over it): the holder's own lease never goes missing."""
+        write_atomic(self.path, data)
+        return True
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _S3Object:
+    """Compare-and-set on an object through conditional puts, the version being its ETag."""
+
+    def __init__(self, location: str):
+        self.fs, self.path = storage._fs(location)
+        self.conditional = True
+
+    def read(self) -> tuple[bytes, str] | None:
+        self.fs.invalidate_cache(self.path)
+        try:
+            with self.fs.open(self.path, "rb") as f:   # content and ETag of one version
+                return f.read(), f.details["ETag"]
+        except FileNotFoundError:
+            return None
+
+    def create(self, data: bytes) -> bool:
+        return self._put(data, {"mode": "create"})
+
+    def replace(self, data: bytes, version: str) -> bool:
+        return self._put(data, {"IfMatch": version})
+
+    renew = replace
+
+    def delete(self) -> None:
+        self.fs.rm_file(self.path)
+
+    def _put(self, data: bytes, condition: dict) -> bool:
+        if self.conditional:
+            try:
+                self.fs.pipe_file(self.path, data, **condition)
+                return True
+            except OSError as err:
+                # The condition failed: another version is there (412), or none any more.
+                if isinstance(err, (FileExistsError, FileNotFoundError)) \
+                        or err.errno == errno.EINVAL:
+                    return False
+                if err.errno != errno.ENOSYS:
+                    raise
+                log.warning("%s: the store rejects conditional puts; the lease is written and "
+                            "read back instead, which two launches at once can both pass",
+                            self.path)
+                self.conditional = False
+        self.fs.pipe_file(self.path, data)
+        back = self.read()
+        return back is not None and _token(back[0]) == _token(data)
+
+
+def _token(data: bytes) -> str:
+    try:
+        return str(json.loads(data).get("token", ""))
+    except ValueError:
+        return ""
+
+
+class Lease:
+    """The lease of one run; ``with Lease(...)`` takes it, renews it in a thread and releases
+    it. ``LeaseHeld`` when another launch holds it."""
+
+    def __init__(self, location: str, run: str, ttl_s: float = TTL_S):
+        self.location, self.run, self.ttl_s = location, run, ttl_s
+        self.store = _S3Object(location) if storage.is_remote(location) else _LocalFile(location)
+        self.holder = {"run": run, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.time(), "token": uuid.uuid4().hex, "ttl_s": ttl_s}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.holder, "renewed": time.time()}, indent=1).encode()
+
+    def acquire(self) -> None:
+        """Take the lease, or a stale one over; ``LeaseHeld`` naming the live holder."""
+        for _ in range(3):   # the other holder may release or renew between our calls
+            if self.store.create(self._body()):
+                return
+            found = self.store.read()
+            if found is None:
+                continue
+            data, version = found
+            try:
+                other = json.loads(data)
+            except ValueError:
+                other = {}
+            age = time.time() - float(other.get("renewed", 0.0))
+            if age <= float(other.get("ttl_s", self.ttl_s)):
+                raise LeaseHeld(_held_message(self.run, self.location, other, age))
+            if self.store.replace(self._body(), version):
+                log.warning("took over the lease of run %s from %s (pid %s), not renewed for "
+                            "%.0f s", self.run, other.get("host", "?"), other.get("pid", "?"), age)
+                return
+        raise LeaseHeld(f"run {self.run!r}: the lease {self.location} changed hands while this "
+                        "launch tried to take it; another launch of the same run is starting")
+
+    def renew(self) -> bool:
+        """Write a fresh renewal time; False when the lease is no longer this launch's."""
+        found = self.store.read()
+        if found is None or _token(found[0]) != self.holder["token"]:
+            return False
+        return self.store.renew(self._body(), found[1])
+
+    def release(self) -> None:
+        found = self.store.read()
+        if found is not None and _token(found[0]) == self.holder["token"]:
+            self.store.delete()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                if not self.renew():
+                    log.error("run %s: the lease %s was taken by another launch; two launches "
+                              "now train the same run", self.run, self.location)
+                    return
+            except OSError as err:   # storage unreachable: try again at the next beat
+                log.warning("run %s: could not renew the lease %s: %s", self.run,
+                            self.location, err)
+
+    def __enter__(self) -> "Lease":
+        self.acquire()
+        self._thread = threading.Thread(target=self._heartbeat, name="dldkd-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.release()
+
+
+def _held_message(run: str, location: str, other: dict, age: float) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(other.get("started", 0))))
+    ttl = float(other.get("ttl_s", TTL_S))
+    return (f"run {run!r} is already being launched or trained by {other.get('host', '?')} "
+            f"(pid {other.get('pid', '?')}, started {started}, lease renewed {age:.0f} s ago): "
+            f"{location}. Stop that launch first, or give this config another run.name; if that "
+            f"launch is dead, its lease expires {max(ttl - age, 0):.0f} s from now (or delete "
+            "the file)")
+
+
+def run_lease(run_storage: str, name: str, ttl_s: float = TTL_S) -> Lease:
+    """The lease of run ``name`` in ``run_storage`` (``run.storage``)."""
+    return Lease(storage.join(storage.run_location(run_storage, name), "lease.json"), name,
+                 ttl_s)

@@ -1,0 +1,10 @@
+"""The MLflow tags dldkd sets: written by the recipe and the sweep, read back by ``dldkd report``
+(and by the tracker, which finds a run again by its key), so both sides spell them alike."""
+
+RUN_KEY_TAG = "dldkd.run_key"          # the run name: a restarted run appends to its own run
+KIND_TAG = "dldkd.kind"                # SWEEP_KIND on a sweep's parent run
+SWEEP_KIND = "sweep"
+SWEEP_TAG = "dldkd.sweep"              # the sweep's name, on its parent run
+BEST_TRIAL_TAG = "dldkd.best_trial"    # on the parent run: the trial with the best metric
+VARIANT_TAG = "dldkd.variant"          # on a trial's run: its sweep variant
+VAL_IS_TEST_TAG = "dldkd.val_is_test"  # "true": model selection ran on the test split

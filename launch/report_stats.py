@@ -147,7 +147,7 @@ def mean_curves(records: list[RunRecord]) -> dict[str, list[tuple[int, float]]]:
 
 def trial_rows(histories: dict[str, list[dict]], metric: str, mode: str
                ) -> list[tuple[str, dict[str, float]]]:
-    """Each trial's best evaluation (the SPEC 1 metrics at its best ``metric``), best first.
+    """Each trial's best evaluation (the method.md §1 metrics at its best ``metric``), best first.
 
     ``histories`` holds each trial's reports (Tune's metrics frame as records); trials that never
     reported ``metric`` are left out.

@@ -146,7 +146,7 @@ class OptimConfig(_Model):
 
 
 class DataConfig(_Model):
-    """Where the shards are and how batches are cut (DESIGN data flow 2)."""
+    """Where the shards are and how batches are cut (design.md data flow 2)."""
 
     train: str = Field("", description=(
         "Training shards: a folder or URI holding manifest.json, the manifest, or shard URLs."))
@@ -173,7 +173,7 @@ class DataConfig(_Model):
 
 
 class TeacherConfig(_Model):
-    """The frozen open_clip teacher (method.md §4, DESIGN data flow 3)."""
+    """The frozen open_clip teacher (method.md §4, design.md data flow 3)."""
 
     arch: str = Field("ViT-B-32", description="open_clip architecture name.")
     pretrained: str = Field("", description=(

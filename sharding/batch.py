@@ -7,8 +7,10 @@ teacher tensor describes the same time step as ``video_feats[j, l]`` (method.md 
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +41,8 @@ class VideoSample:
 
 @dataclass
 class Batch:
+    # Float features are float32; collated into Buffers they keep their stored float16 until
+    # the consumer casts them (``Buffers.float32``: the reader, as each batch arrives).
     video_feats: torch.Tensor          # (B, L, Dv) float32
     video_mask: torch.Tensor           # (B, L) float32, 1 = valid frame
     query_feats: torch.Tensor          # (Q, Lq, Dq) float32
@@ -87,16 +91,99 @@ def align_index(n_teacher: int, n_student: int) -> np.ndarray:
     return np.minimum(centres.astype(np.int64), n_teacher - 1)
 
 
-def collate(samples: list[VideoSample], max_words: int = 30) -> Batch:
-    """Stack videos into a Batch in method.md §5 order (caption count descending, stable)."""
+def collate(samples: list[VideoSample], max_words: int = 30,
+            buffers: Buffers | None = None) -> Batch:
+    """Stack videos into a Batch in method.md §5 order (caption count descending, stable).
+
+    Without ``buffers`` every tensor is allocated afresh, features in float32 (one-off
+    batches). With them (the reader) features keep their stored float16 (exact, half the bytes
+    to write and to pass between processes) and are written with numpy, one thread: torch
+    would run each video's copy as a parallel region, and on a busy machine each of them waits
+    for a descheduled thread (the reader ran ~6x slower with 2 threads than with 1 on a loaded
+    2-core machine). :meth:`Buffers.float32` then casts the whole batch at once."""
     with warnings.catch_warnings():
         # Decoded shard arrays are read-only views that collate only reads, through
         # torch.from_numpy, which warns about them; silenced here, not process-wide.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return _collate(samples, max_words)
+        return _collate(samples, max_words, buffers)
 
 
-def _collate(samples: list[VideoSample], max_words: int) -> Batch:
+# The float feature tensors: float32 in a Batch, their stored float16 until the consumer casts.
+_FLOATS = ("video_feats", "query_feats", "teacher_frame_emb", "teacher_text_emb")
+_Alloc = Callable[[str, tuple, torch.dtype], torch.Tensor]
+
+
+class Buffers:
+    """Memory that :func:`collate` fills batch after batch instead of allocating it.
+
+    A fresh TVR batch (32 videos: 50 MB of frame features) is too large for malloc's free lists:
+    each one is a new mapping whose pages fault on first touch, which costs about as much as
+    filling them and varies with the machine's load. Only the large tensors (features, teacher
+    inputs) live here; masks and indices are small heap allocations.
+
+    ``shared=False`` (the consuming process): up to ``slots`` sets of buffers, each handed out
+    again only once no tensor outside the pool refers to its memory (torch's storage use count,
+    the check torch.compile's CUDA-graph pool makes), so a consumer may keep any batch as long as
+    it likes. Memory that was moved to shared memory (the batch was sent to another process) is
+    dropped, never reused.
+
+    ``shared=True`` (a DataLoader worker): every batch in fresh shared memory, which the
+    DataLoader passes to the main process without a copy. It cannot be reused: the main process
+    maps the same pages, and the worker cannot tell when it is done with them.
+
+    Either way features stay in their stored float16 (half the bytes to write and to pass on);
+    :meth:`float32`, in the consuming process, casts them into its own buffers.
+    """
+
+    def __init__(self, shared: bool = False, slots: int = 3):
+        self.shared = shared
+        self.slots = slots
+        self._pool: list[dict[str, tuple[torch.Tensor, int, int]]] = []
+
+    def take(self) -> _Alloc:
+        """``new(name, shape, dtype)`` for one batch: uninitialised tensors that collate overwrites
+        entirely (data, then zeros over the padding)."""
+        if self.shared:
+            return _new_shared
+        self._pool = [s for s in self._pool if not any(t.is_shared() for t, _, _ in s.values())]
+        slot = next((s for s in self._pool if all(torch._C._storage_Use_Count(ptr) <= idle
+                                                  for _, ptr, idle in s.values())), None)
+        if slot is None:
+            slot = {}
+            if len(self._pool) < self.slots:
+                self._pool.append(slot)
+
+        def new(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+            n = math.prod(shape)
+            flat = slot[name][0] if name in slot else None
+            if flat is None or flat.dtype != dtype or flat.numel() < n:
+                flat = torch.empty(n, dtype=dtype)
+                ptr = flat.untyped_storage()._cdata
+                slot[name] = (flat, ptr, torch._C._storage_Use_Count(ptr))   # its idle count
+            return flat[:n].view(shape)
+        return new
+
+    def float32(self, batch: Batch) -> Batch:
+        """``batch`` with its features cast to float32 into these buffers (a fresh copy would
+        fault in 50 MB of new pages per TVR batch); float32 ones stay as they are."""
+        new = self.take()
+        for name in _FLOATS:
+            x = getattr(batch, name)
+            if x is not None and x.dtype != torch.float32:
+                setattr(batch, name, new(name, tuple(x.shape), torch.float32).copy_(x))
+        return batch
+
+
+def _new_shared(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _new_private(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _collate(samples: list[VideoSample], max_words: int, buffers: Buffers | None) -> Batch:
     if not samples:
         raise ValueError("cannot collate an empty list of videos")
     order = sorted(range(len(samples)), key=lambda k: -len(samples[k].cap_ids))
@@ -107,12 +194,17 @@ def _collate(samples: list[VideoSample], max_words: int) -> Batch:
     Dq = samples[0].tokens[0].shape[1]
     Q = sum(len(s.cap_ids) for s in samples)
     Lq = min(max_words, max(t.shape[0] for s in samples for t in s.tokens))
+    new = _new_private if buffers is None else buffers.take()
 
-    # Features land in torch tensors: its float16 -> float32 copy is ~3x faster than numpy's.
-    video_feats = torch.zeros((B, L, Dv))
+    def floats(arrays) -> torch.dtype:
+        """float16 only where every source is (the exact values) and ``buffers`` are given."""
+        return torch.float16 if buffers is not None and all(a.dtype == np.float16 for a in arrays) \
+            else torch.float32
+
+    video_feats = new("video_feats", (B, L, Dv), floats(s.frames for s in samples))
+    query_feats = new("query_feats", (Q, Lq, Dq), floats(t for s in samples for t in s.tokens))
     video_mask = np.zeros((B, L), np.float32)
     teacher_index = np.full((B, L), -1, np.int64)
-    query_feats = torch.zeros((Q, Lq, Dq))
     query_mask = np.zeros((Q, Lq), np.float32)
     labels = np.zeros(Q, np.int64)
     has_frames = all(s.teacher_frames is not None for s in samples)
@@ -121,42 +213,39 @@ def _collate(samples: list[VideoSample], max_words: int) -> Batch:
     t_frames = t_femb = t_temb = None
     if has_frames:
         H, W = samples[0].teacher_frames.shape[1:3]
-        t_frames = np.zeros((B, L, H, W, 3), np.uint8)
+        t_frames = new("teacher_frames", (B, L, H, W, 3), torch.uint8)
     if has_femb:
-        t_femb = np.zeros((B, L, samples[0].teacher_frame_emb.shape[1]), np.float32)
+        t_femb = new("teacher_frame_emb", (B, L, samples[0].teacher_frame_emb.shape[1]),
+                     floats(s.teacher_frame_emb for s in samples))
     if has_temb:
-        t_temb = np.zeros((Q, samples[0].teacher_text_emb.shape[1]), np.float32)
+        t_temb = new("teacher_text_emb", (Q, samples[0].teacher_text_emb.shape[1]),
+                     floats(s.teacher_text_emb for s in samples))
 
     q = 0
     for j, s in enumerate(samples):
         n = s.frames.shape[0]
-        video_feats[j, :n].copy_(_tensor(s.frames))
+        _pad_copy(video_feats[j], s.frames)
         video_mask[j, :n] = 1.0
         n_teacher = _teacher_len(s)
-        if n_teacher:
-            idx = align_index(n_teacher, n)
-            teacher_index[j, :n] = idx
-            if has_frames:
-                t_frames[j, :n] = s.teacher_frames[idx]
-            if has_femb:
-                t_femb[j, :n] = s.teacher_frame_emb[idx]
+        idx = align_index(n_teacher, n) if n_teacher else np.zeros(0, np.int64)
+        teacher_index[j, :len(idx)] = idx
+        if has_frames:
+            _pad_copy(t_frames[j], s.teacher_frames[idx])
+        if has_femb:
+            _pad_copy(t_femb[j], s.teacher_frame_emb[idx])
         for c, tok in enumerate(s.tokens):
             k = min(tok.shape[0], Lq)
-            query_feats[q, :k].copy_(_tensor(tok[:k]))
+            _pad_copy(query_feats[q], tok[:k])
             query_mask[q, :k] = 1.0
             labels[q] = j
             if has_temb:
-                t_temb[q] = s.teacher_text_emb[c]
+                _pad_copy(t_temb[q], s.teacher_text_emb[c])
             q += 1
 
     video_ids = [s.video_id for s in samples]
     _check_finite(video_feats, video_ids, "frame features")
     _check_finite(query_feats, [s.video_id for s in samples for _ in s.cap_ids],
                   "caption token features")
-
-    def t(a):
-        return None if a is None else torch.from_numpy(a)
-
     return Batch(
         video_feats=video_feats, video_mask=torch.from_numpy(video_mask),
         query_feats=query_feats, query_mask=torch.from_numpy(query_mask),
@@ -165,18 +254,33 @@ def _collate(samples: list[VideoSample], max_words: int) -> Batch:
         labels=torch.from_numpy(labels), video_ids=video_ids,
         cap_ids=[c for s in samples for c in s.cap_ids],
         captions=[c for s in samples for c in s.captions],
-        teacher_index=torch.from_numpy(teacher_index), teacher_frames=t(t_frames),
-        teacher_frame_emb=t(t_femb), teacher_text_emb=t(t_temb))
+        teacher_index=torch.from_numpy(teacher_index), teacher_frames=t_frames,
+        teacher_frame_emb=t_femb, teacher_text_emb=t_temb)
+
+
+def _pad_copy(dst: torch.Tensor, src: np.ndarray) -> None:
+    """``dst[:n] = src`` and zeros after it (a reused buffer still holds an earlier batch); a copy
+    in the same dtype with numpy (one thread, see collate), a cast with torch (~3x numpy's)."""
+    n, d = src.shape[0], dst.numpy()
+    if d.dtype == src.dtype:
+        d[:n] = src
+    else:
+        dst[:n].copy_(_tensor(src))
+    d[n:] = 0
 
 
 def _check_finite(x: torch.Tensor, ids: list[str], what: str) -> None:
     """Training never meets NaN/inf inputs: they are refused here, naming the video.
 
-    One sum decides (NaN and inf propagate through it; features are L2-normalised rows, far
-    from float32 overflow): 25x cheaper than ``isfinite(x).all()`` on a TVR batch."""
-    if torch.isfinite(x.sum()):
+    Row sums and their float32 total decide (NaN and inf propagate through sums): about one
+    sum's cost, 20-45x less than ``isfinite(x).all()`` on a TVR batch. A float16 row of
+    L2-normalised features sums to at most sqrt(D), far below float16's 65504; a sum that
+    overflows anyway is settled element by element."""
+    if torch.isfinite(x.sum(-1).sum(dtype=torch.float32)):
         return
     bad = (~torch.isfinite(x.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+    if not bad:   # finite values whose float16 row sum overflowed
+        return
     names = sorted({ids[i] for i in bad})
     raise ValueError(f"non-finite {what} in videos {names[:5]}: the shards hold NaN or inf; "
                      f"rewrite them from the source features")

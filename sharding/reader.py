@@ -1,7 +1,7 @@
-"""The streaming reader that feeds one training worker (DESIGN data flow 2).
+"""The streaming reader that feeds one training worker (design.md data flow 2).
 
 shard URLs -> split by node (rank) -> split by DataLoader worker -> shuffle -> decode (schema only,
-never webdataset's pickle-capable decoders) -> SPEC 5 batches (``sharding.batch.collate``).
+never webdataset's pickle-capable decoders) -> method.md §5 batches (``sharding.batch.collate``).
 
 Three modes:
 - true epochs (training on a finite split, ``sharding.epochs``): every video once per epoch in a
@@ -19,6 +19,11 @@ Resident (``resident=True``, true epochs only): the split is decoded once into t
 memory and every epoch's batches are formed by indexing it, with exactly the batches that true
 epochs read from disk (same permutation, same composition, same resume). For splits that fit in
 memory it removes the per-epoch reading and decoding (:func:`resident_plan` decides).
+
+Batches are collated into reused memory (``sharding.batch.Buffers``) with the features in their
+stored float16; a DataLoader worker collates into shared memory, which crosses into this process
+without a copy. Features are cast to float32 in one place, as each batch arrives here, into this
+process's buffers: whatever ``loader_workers``, the reader yields the same float32 batches.
 
 A damaged sample or shard (an error in :data:`DAMAGE`) is skipped, logged and counted; the counts
 travel in ``batch.extras["read"]`` and add up in ``ShardReader.stats`` (the recipe logs them to
@@ -44,7 +49,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from sharding.batch import Batch, VideoSample, collate
+from sharding.batch import Batch, Buffers, VideoSample, collate
 from sharding.epochs import SampleFiles, SampleRef, index_shard, rank_batches, steps_for
 from sharding.schema import SCHEMA_VERSION, ShardError, UnsafeMemberError, decode_sample
 from sharding.writer import Manifest, ManifestError, load_manifest
@@ -229,8 +234,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         p = self.plan
         info = torch.utils.data.get_worker_info()
         physical, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        buffers = Buffers(shared=info is not None)
         if p.true_epochs:
-            yield from _true_epoch(p, physical, n_workers)
+            yield from _true_epoch(p, physical, n_workers, buffers)
             return
         stats = ReadStats()
         if p.resampled:
@@ -258,14 +264,14 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                 continue
             produced += 1
             stats.samples += len(videos)
-            batch = collate(videos, p.max_words)
+            batch = collate(videos, p.max_words, buffers)
             batch.extras["read"] = {"worker": worker, **asdict(stats)}
             yield batch
         # Counts after the last batch (a shard that broke at the end) still reach the caller.
         yield _WorkerDone({"worker": worker, **asdict(stats)})
 
 
-def _true_epoch(p: _Plan, physical: int, n_workers: int) -> Iterator:
+def _true_epoch(p: _Plan, physical: int, n_workers: int, buffers: Buffers) -> Iterator:
     """This worker's batches of one true epoch: batch k of the rank comes from logical worker
     k mod W, and after a resume at step s physical worker i plays logical (s + i) mod W."""
     worker = (p.start_step + physical) % n_workers
@@ -298,7 +304,7 @@ def _true_epoch(p: _Plan, physical: int, n_workers: int) -> Iterator:
                 raise BadDataError(f"every video of step {k} was damaged; recent errors: "
                                    f"{stats.errors}")
             stats.samples += len(videos)
-            batch = collate(videos, p.max_words)
+            batch = collate(videos, p.max_words, buffers)
             batch.extras["read"] = {"worker": worker, **asdict(stats)}
             yield batch
     finally:
@@ -495,6 +501,7 @@ class ShardReader:
         per_worker: dict[int, dict] = {-1: asdict(self.index_stats)} if self.plan.true_epochs \
             else {}
         self.epoch_stats = ReadStats()
+        buffers = Buffers()   # the float32 features this epoch hands out
         try:
             for item in loader:
                 if isinstance(item, _WorkerDone):
@@ -502,7 +509,7 @@ class ShardReader:
                     continue
                 per_worker[item.extras["read"]["worker"]] = item.extras["read"]
                 self._update(per_worker, final=False)
-                yield item
+                yield buffers.float32(item)
             self._update(per_worker, final=True)
         finally:  # also when the caller closes the epoch after its last step
             self.stats.add(self.epoch_stats)

@@ -81,7 +81,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.no_ray:
         from trainer.config import load_config
-        from trainer.recipe import setup_logging
+        from trainer.logs import setup_logging
         from trainer.run import train
 
         setup_logging()

@@ -79,7 +79,7 @@ def run_demo(out: str | Path = "outputs/demo", small: bool = False) -> int:
 
     from launch.sweep import run_sweep
     from launch.sweep_spec import load_sweep
-    from trainer.recipe import setup_logging
+    from trainer.logs import setup_logging
 
     setup_logging()
     cfg, spec = load_sweep(SWEEP_CONFIG, data + [f"run.storage={out / 'runs'}"] + size["sweep"])

@@ -359,7 +359,7 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
 
 def run(args: argparse.Namespace) -> SweepResult:
     from launch.train import init_ray
-    from trainer.recipe import setup_logging
+    from trainer.logs import setup_logging
 
     setup_logging()
     cfg, spec = load_sweep(args.config, args.overrides)

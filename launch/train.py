@@ -17,7 +17,7 @@ from pathlib import Path
 from launch.lease import run_lease
 from trainer import storage
 from trainer.config import Config, from_dict, load_config
-from trainer.recipe import setup_logging
+from trainer.logs import setup_logging
 
 # Environment every worker process needs (Ray workers do not inherit a driver's os.environ
 # on a remote node, so it travels in the runtime env).

@@ -10,13 +10,10 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -32,46 +29,14 @@ from trainer.metrics import EvalGallery, build_gallery, encode_gallery, rank_cou
 from trainer.optim import seek
 from trainer.schedules import LossWeights, loss_weights, schedule_epoch
 from trainer.student import DualStudent
+from trainer.progress import PhaseTimer, fmt_eta
+from trainer.reporting import LocalReporter, Reporter
+from trainer.signals import Stopped, StopOnSignals
 from trainer.tracking import Tracker, resolve_uri
-from trainer.tracking_tags import VAL_IS_TEST_TAG
+from trainer.tracking_tags import (BEST_CHECKPOINT_TAG, NODE_RANKS_TAG, RESUME_CHANGED_PREFIX,
+                                   VAL_IS_TEST_TAG, WORLD_SIZE_TAG)
 
 log = logging.getLogger("dldkd")
-
-
-class Reporter(Protocol):
-    """Where checkpoints go and how progress is announced (Ray or plain files).
-
-    ``report`` is called by every rank at every evaluation and every checkpoint: ``staged`` is
-    the checkpoint folder, or None for an evaluation without one (schedulers such as ASHA act on
-    each evaluation). A report without an evaluation carries no ``val/*`` metrics."""
-
-    def restore_dir(self) -> Path | None: ...
-    def staging_dir(self, step: int) -> Path: ...
-    def report(self, metrics: dict, staged: Path | None, step: int) -> None: ...
-
-
-class LocalReporter:
-    """Checkpoints on a (shared) file system: ``<storage>/<name>/checkpoints/step-N``."""
-
-    def __init__(self, root: Path, is_main: bool, resume: str = "auto"):
-        self.root, self.is_main, self.resume = Path(root), is_main, resume
-
-    def restore_dir(self) -> Path | None:
-        if self.resume == "never":
-            return None
-        found = ckpt.latest(self.root)
-        if found is None and self.resume == "must":
-            raise FileNotFoundError(f"run.resume=must but no checkpoint under {self.root}")
-        return found
-
-    def staging_dir(self, step: int) -> Path:
-        return ckpt.step_dir(self.root, step).with_suffix(".tmp")
-
-    def report(self, metrics: dict, staged: Path | None, step: int) -> None:
-        dist.barrier()  # every rank has finished writing its part
-        if staged is not None and self.is_main:
-            ckpt.publish(staged, ckpt.step_dir(self.root, step))
-        dist.barrier()
 
 
 class Recipe:
@@ -151,13 +116,13 @@ class Recipe:
         if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.dir / "config.yaml")
-            self.tracker.start(cfg.flat(), {"dldkd.world_size": str(self.dist.world_size),
-                                            "dldkd.node_ranks": json.dumps(node_ranks)})
+            self.tracker.start(cfg.flat(), {WORLD_SIZE_TAG: str(self.dist.world_size),
+                                            NODE_RANKS_TAG: json.dumps(node_ranks)})
             self.tracker.log_artifact(self.dir / "config.yaml")
             if self.resumed_changes:   # params keep their first values; the changes are tags
                 log.info("resuming with changed %s", ", ".join(
                     f"{k} {old!r} -> {new!r}" for k, (old, new) in self.resumed_changes.items()))
-                self.tracker.set_tags({f"dldkd.resume_changed.{k}": f"{old!r} -> {new!r}"
+                self.tracker.set_tags({RESUME_CHANGED_PREFIX + k: f"{old!r} -> {new!r}"
                                        for k, (old, new) in self.resumed_changes.items()})
             val_note = val_is_test(cfg.data.val, cfg.data.test)
             if val_note:
@@ -233,7 +198,7 @@ class Recipe:
         cfg, st = self.cfg, self.state
         eval_every = cfg.train.eval_every or self.steps_per_epoch
         ckpt_every = cfg.train.ckpt_every or eval_every
-        timer = _Timer()
+        timer = PhaseTimer()
         # A progress bar only where someone watches (rank 0 on a terminal); logs elsewhere.
         bar = tqdm(total=self.total_steps, initial=self.position, unit="step", dynamic_ncols=True,
                    disable=not (self.dist.is_main and sys.stderr.isatty()))
@@ -246,7 +211,7 @@ class Recipe:
         bar.close()
         return st
 
-    def _loop(self, timer: "_Timer", bar, eval_every: int, ckpt_every: int,
+    def _loop(self, timer: "PhaseTimer", bar, eval_every: int, ckpt_every: int,
               stop: "StopOnSignals") -> None:
         cfg, st = self.cfg, self.state
         while st.epoch < cfg.train.epochs and not st.stopped_early:
@@ -290,7 +255,7 @@ class Recipe:
         at = schedule_epoch(st.epoch, self.position, self.total_steps, cfg.loss)
         return loss_weights(cfg.loss, st.epoch, at, inheritance="inh" in self.student.branch_names)
 
-    def train_step(self, batch, weights: LossWeights, timer: "_Timer") -> dict[str, torch.Tensor]:
+    def train_step(self, batch, weights: LossWeights, timer: "PhaseTimer") -> dict[str, torch.Tensor]:
         """One optimiser step; returns the loss terms as device tensors (no host sync)."""
         batch = _to_device(batch, self.device, self.dtype)
         targets = None
@@ -426,10 +391,10 @@ class Recipe:
             if (folder / name).exists():
                 self.tracker.log_artifact(folder / name, "best")
         if self.state.best_step >= 0:
-            self.tracker.set_tags({"dldkd.best_checkpoint": self.best_uri})
+            self.tracker.set_tags({BEST_CHECKPOINT_TAG: self.best_uri})
 
     def _log_step(self, terms: dict[str, torch.Tensor], weights: LossWeights,
-                  timer: "_Timer") -> None:
+                  timer: "PhaseTimer") -> None:
         st = self.state
         rates = timer.rates()
         remaining = (self.total_steps - self.position) * rates["step_s"]
@@ -452,7 +417,7 @@ class Recipe:
                      "%.0f%% | ETA %s", st.step, st.step + self.total_steps - self.position,
                      st.epoch, parts,
                      self.engine.get_lr()[0], rates["samples_s"], rates["data_pct"],
-                     rates["teacher_pct"], _fmt_eta(remaining))
+                     rates["teacher_pct"], fmt_eta(remaining))
         timer.reset()
 
     def _data_health(self) -> dict[str, float]:
@@ -468,91 +433,6 @@ class Recipe:
         if cache is not None:
             out["teacher/cache_hit_rate"] = hits / max(hits + misses, 1)
         return out
-
-
-class Stopped(Exception):
-    """The run stopped on SIGTERM/SIGINT after saving a checkpoint; the message says how to
-    resume."""
-
-    def __init__(self, signum: int, step: int, run_name: str):
-        self.signum = int(signum)
-        super().__init__(f"run {run_name} stopped by {signal.Signals(self.signum).name} at step "
-                         f"{step} with a checkpoint saved; relaunch the same command (run.name="
-                         f"{run_name}) to resume")
-
-
-class StopOnSignals:
-    """SIGTERM (what Kubernetes and Ray send on preemption) and SIGINT ask the loop to stop at
-    its next log, evaluation or checkpoint step, where the ranks agree and save a checkpoint. A
-    second signal, or ``grace_s`` seconds without reaching that point, ends the process at once.
-    Handlers are installed only in the main thread (Ray Train workers run in another thread;
-    Ray handles their preemption)."""
-
-    def __init__(self, grace_s: float):
-        self.grace_s = grace_s
-        self.signum: int | None = None
-        self._old: dict[int, object] = {}
-        self._timer: threading.Timer | None = None
-
-    def __enter__(self) -> "StopOnSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _handle(self, signum: int, _frame) -> None:
-        if self.signum is not None:
-            os._exit(128 + signum)
-        self.signum = signum
-        log.warning("%s received: saving a checkpoint at the next log step (within %.0f s; "
-                    "signal again to stop now)", signal.Signals(signum).name, self.grace_s)
-        self._timer = threading.Timer(self.grace_s, os._exit, (128 + signum,))
-        self._timer.daemon = True
-        self._timer.start()
-
-    def agreed(self) -> bool:
-        """Whether any rank was signalled (a collective: every rank calls it at the same step)."""
-        flag = torch.tensor([1 if self.signum else 0])
-        return bool(dist.all_reduce_sum(flag).item())
-
-
-class _Timer:
-    """Wall time per phase since the last log line (data wait, teacher, student)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.t0 = time.perf_counter()
-        self.phases = {"data": 0.0, "teacher": 0.0, "student": 0.0}
-        self.samples = 0
-        self.steps = 0
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[phase] += time.perf_counter() - start
-
-    def count(self, samples: int) -> None:
-        self.samples += samples
-        self.steps += 1
-
-    def rates(self) -> dict[str, float]:
-        wall = max(time.perf_counter() - self.t0, 1e-9)
-        steps = max(self.steps, 1)
-        return {"samples_s": self.samples / wall, "step_s": wall / steps,
-                "data_pct": 100 * self.phases["data"] / wall,
-                "teacher_pct": 100 * self.phases["teacher"] / wall,
-                **{f"{k}_ms": 1000 * v / steps for k, v in self.phases.items()}}
 
 
 def _gathered(engine, stage: int):
@@ -619,27 +499,3 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}"
-
-
-# Libraries whose INFO lines are routine noise in a run's log (DeepSpeed's op-compatibility
-# compiler probes, MLflow's store set-up and system-metrics chatter); their warnings stay.
-QUIET_LOGGERS = ("compilers", "DeepSpeed", "deepspeed", "mlflow", "torch.distributed")
-
-
-def setup_logging() -> None:
-    """Called by the entry points (CLI, Ray workers), never at import."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # MLflow sets its loggers' level from this variable when it is imported (here or in a
-    # worker), overriding the line above; the user's own setting wins.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from trainer.recipe import Recipe, Stopped
+from trainer.recipe import Recipe
+from trainer.signals import Stopped
 
 
 def train(cfg, reporter=None, device=None, use_deepspeed: bool = True):

@@ -78,7 +78,7 @@ CASES = {
     "unknown key": (_train("optim.lrr=0.1"), "unknown config key 'optim.lrr'; did you mean "
                                              "'optim.lr'"),
     "bad choice": (_train("loss.kd=sometimes"), "loss.kd='sometimes' is not allowed; choose one"),
-    "out of range": (_train("optim.lr=5"), "optim.lr=5.0 is out of range; allowed (0, 1]"),
+    "out of range": (_train("optim.lr=5"), "optim.lr=5 is out of range; allowed (0, 1]"),
     "missing split": (_train("data.train={tmp}/nowhere"), "no shard manifest at"),
     "damaged shards": (_damaged_shards, "were damaged, more than data.max_bad_fraction"),
     "bad manifest": (_bad_manifest, "manifest.json"),

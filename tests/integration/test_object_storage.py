@@ -18,7 +18,8 @@ from tests.conftest import tiny_overrides
 from trainer import storage
 from trainer.checkpoint import latest
 from trainer.config import load_config
-from trainer.recipe import LocalReporter, Recipe
+from trainer.recipe import Recipe
+from trainer.reporting import LocalReporter
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,7 @@ def test_bf16_autocast_without_deepspeed_tracks_fp32(tmp_path):
     is off there) and only the encoders' products run in bf16 (8 mantissa bits, ~0.4% each)."""
     import torch
 
-    from trainer.recipe import _Timer
+    from trainer.progress import PhaseTimer
 
     train = planted_world(160, 0)
     curves = {}
@@ -142,7 +142,7 @@ def test_bf16_autocast_without_deepspeed_tracks_fp32(tmp_path):
         for step in range(100):
             batch = recipe.reader.batches[step % recipe.steps_per_epoch]
             recipe.state.step, recipe.state.epoch = step, step // recipe.steps_per_epoch
-            losses.append(recipe.train_step(batch, recipe.weights(), _Timer())["loss"].item())
+            losses.append(recipe.train_step(batch, recipe.weights(), PhaseTimer())["loss"].item())
         recipe.cleanup()
         assert next(recipe.student.parameters()).dtype == torch.float32
         curves[precision] = np.array(losses)

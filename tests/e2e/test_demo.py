@@ -56,11 +56,7 @@ def demo(venv: Path, out: Path, cwd: Path, env: dict) -> str:
     return proc.stdout
 
 
-def trial_rows(out: str) -> list[str]:
-    return [line for line in out[out.index("[4/4]"):].splitlines() if line.startswith("trial ")]
-
-
-def test_installed_demo_small_and_its_rerun(tmp_path):
+def test_installed_demo_small(tmp_path):
     venv = install(tmp_path)
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1")
     env.pop("PYTHONPATH", None)
@@ -77,16 +73,6 @@ def test_installed_demo_small_and_its_rerun(tmp_path):
     for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
         assert stage in first
     table = first[first.index("[4/4]"):]
-    assert "teacher zero-shot" in table and len(trial_rows(first)) == 2
+    rows = [line for line in table.splitlines() if line.startswith("trial ")]
+    assert "teacher zero-shot" in table and len(rows) == 2
     assert "mlflow ui --backend-store-uri sqlite:///" in first
-
-    # A rerun picks up where the first stopped: the world and the teacher are not rebuilt, the
-    # sweep finds its trials finished, and the table is the same.
-    world, teacher = out_dir / "world" / "test" / "manifest.json", out_dir / "teacher.pt"
-    stamps = world.stat().st_mtime_ns, teacher.stat().st_mtime_ns
-    second = demo(venv, out_dir, cwd, env)
-    stage1 = second[second.index("[1/4]"):second.index("[2/4]")]
-    stage2 = second[second.index("[2/4]"):second.index("[3/4]")]
-    assert "already there" in stage1 and not re.search(r"step +\d+ +loss", stage2)
-    assert (world.stat().st_mtime_ns, teacher.stat().st_mtime_ns) == stamps
-    assert trial_rows(second) == trial_rows(first)

@@ -48,7 +48,7 @@ def _config(world: Path, runs: Path, uri: str, name: str, workers: int, epochs: 
 
 
 def _fit(cfg):
-    from launch.train import build_trainer
+    from launch.jobs.train import build_trainer
 
     result = build_trainer(cfg).fit()
     if result.error is not None:
@@ -96,7 +96,7 @@ def main() -> None:
 
     import ray
 
-    from launch.train import init_ray
+    from launch.jobs.train import init_ray
     from sharding.synthetic import build_world
 
     started = time.perf_counter()

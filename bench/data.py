@@ -44,9 +44,9 @@ from sharding.preprocess import l2_normalise, prepare_frames, prepare_tokens, un
 from sharding.reader import ShardReader
 from sharding.writer import write_split
 from trainer.config import LossConfig, ModelConfig, OptimConfig
-from trainer.optim import build_optimizer
+from trainer.method.optim import build_optimizer
 from trainer.recipe import _to_device
-from trainer.student import DualStudent
+from trainer.method.student import DualStudent
 
 DV, DQ = 3072, 768   # TVR i3d_resnet, RoBERTa (method.md §2)
 CPU = torch.device("cpu")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.reference_eval import reference_gt, reference_metrics
-from trainer.metrics import (EncodedGallery, encoded_from_embeddings, rank_counts, rank_metrics,
+from trainer.method.metrics import (EncodedGallery, encoded_from_embeddings, rank_counts, rank_metrics,
                              score_matrix)
 
 N_QUERIES, N_VIDEOS, MAX_FRAMES, DIM = 10_895, 2_179, 128, 384

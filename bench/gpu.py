@@ -48,11 +48,11 @@ def recipe_step(steps: int, videos: int) -> dict:
     from trainer import dist
     from trainer.config import load_config
     from trainer.engine import build_engine
-    from trainer.losses import total_loss
+    from trainer.method.losses import total_loss
     from trainer.recipe import _to_device
-    from trainer.schedules import loss_weights
-    from trainer.student import DualStudent
-    from trainer.teacher import build_teacher
+    from trainer.method.schedules import loss_weights
+    from trainer.method.student import DualStudent
+    from trainer.teacher.model import build_teacher
 
     cfg = load_config(preset("tvr.yaml"), [
         "teacher.placement=replicated", "teacher.arch=ViT-B-32", "teacher.pretrained=",
@@ -115,9 +115,9 @@ def reference_speedup(steps: int) -> dict:
     from bench import reference_losses
     from bench.step import EPOCH, make_batch, make_teacher, ours_step
     from trainer.config import LossConfig, ModelConfig, OptimConfig
-    from trainer.optim import build_optimizer
+    from trainer.method.optim import build_optimizer
     from trainer.recipe import _to_device
-    from trainer.student import DualStudent
+    from trainer.method.student import DualStudent
 
     dev = torch.device("cuda")
     torch.manual_seed(0)

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from sharding.batch import Batch
 from trainer.config import LossConfig
-from trainer.losses import TeacherTargets
-from trainer.schedules import kd_weight, soft_alpha, soft_beta
+from trainer.method.losses import TeacherTargets
+from trainer.method.schedules import kd_weight, soft_alpha, soft_beta
 
 
 def _mask_logits(x: Tensor, mask: Tensor) -> Tensor:

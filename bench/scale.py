@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     import torch
 
-    from launch.train import build_trainer
+    from launch.jobs.train import build_trainer
     from sharding.synthetic import build_world
     from trainer.config import load_config
     from trainer.run import train
-    from trainer.teacher_pretrain import pretrain
+    from trainer.teacher.pretrain import pretrain
 
     root = Path(args.out or tempfile.mkdtemp(prefix="dldkd-bench-scale-"))
     world = root / "world"

@@ -32,10 +32,10 @@ import torch
 from bench import reference_losses
 from sharding.batch import Batch, VideoSample, collate
 from trainer.config import LossConfig, ModelConfig, OptimConfig
-from trainer.losses import PAD_SCORE, TeacherTargets, total_loss
-from trainer.optim import build_optimizer
-from trainer.schedules import loss_weights
-from trainer.student import DualStudent, _InputLayer, _SelfAttention
+from trainer.method.losses import PAD_SCORE, TeacherTargets, total_loss
+from trainer.method.optim import build_optimizer
+from trainer.method.schedules import loss_weights
+from trainer.method.student import DualStudent, _InputLayer, _SelfAttention
 
 EPOCH = 40  # alpha = 0.675: both the hard and the soft parts of soft_nce are live
 

@@ -11,7 +11,7 @@ object on its last line.
 """
 from __future__ import annotations
 
-import trainer.compat  # noqa: F401  (before open_clip)
+import trainer.teacher  # noqa: F401  (before open_clip)
 
 import argparse
 import json
@@ -29,12 +29,12 @@ from dldkd_configs import preset
 from sharding.batch import Batch, collate
 from sharding.synthetic import World, WorldConfig
 from trainer.config import LossConfig, ModelConfig, OptimConfig, TeacherConfig
-from trainer.losses import total_loss
-from trainer.schedules import loss_weights
-from trainer.optim import build_optimizer
-from trainer.student import DualStudent
-from trainer.teacher import Teacher, build_teacher
-from trainer.teacher_placement import param_fraction
+from trainer.method.losses import total_loss
+from trainer.method.schedules import loss_weights
+from trainer.method.optim import build_optimizer
+from trainer.method.student import DualStudent
+from trainer.teacher.model import Teacher, build_teacher
+from trainer.teacher.placement import param_fraction
 
 TINY = preset("teacher-tiny.json")
 EPOCH = 40

@@ -42,7 +42,7 @@ def _world_bounds(world, split: Path) -> str:
 
     from sharding.reader import read_all
     from sharding.synthetic import oracle_scores
-    from trainer.metrics import rank_metrics, ranks_from_scores
+    from trainer.method.metrics import rank_metrics, ranks_from_scores
 
     scores, gt = oracle_scores(world, read_all(str(split), teacher_frames=False))
     oracle = rank_metrics(ranks_from_scores(torch.from_numpy(scores), torch.from_numpy(gt)))
@@ -71,7 +71,7 @@ def _shard_frames(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from launch.validate import validate_run
+    from launch.validate.checks import validate_run
 
     report = validate_run(args.config, args.overrides, offline=args.offline)
     print(report.render())
@@ -81,21 +81,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.no_ray:
         from trainer.config import load_config
-        from trainer.logs import setup_logging
+        from trainer.infra.logs import setup_logging
         from trainer.run import train
 
         setup_logging()
         state = train(load_config(args.config, args.overrides))
         print(f"best SumR {state.best_sumr:.2f} at step {state.best_step}")
         return 0
-    from launch.train import run
+    from launch.jobs.train import run
 
     run(args)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from launch.sweep import run
+    from launch.jobs.sweep import run
 
     run(args)
     return 0
@@ -113,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from launch.submit import submit
+    from launch.jobs.submit import submit
 
     return submit(args.entry, args.config, args.overrides, address=args.address,
                   wait=not args.no_wait)
@@ -121,7 +121,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     if args.action == "pretrain":
-        from trainer.teacher_pretrain import pretrain
+        from trainer.teacher.pretrain import pretrain
 
         result = pretrain(args.shards, out_path=args.out, arch=args.arch,
                           model_config=args.model_config, steps=args.steps, batch_size=args.batch,
@@ -130,7 +130,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         return 0
     from trainer.config import load_config
     from trainer.evaluate import format_table
-    from trainer.teacher_pretrain import zero_shot_eval_split
+    from trainer.teacher.pretrain import zero_shot_eval_split
 
     cfg = load_config(args.config, args.overrides)
     metrics = zero_shot_eval_split(cfg, args.split)
@@ -139,13 +139,13 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from launch.demo import run_demo
+    from launch.jobs.demo import run_demo
 
     return run_demo(args.out, small=args.small)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from launch.report import write_report
+    from launch.report.build import write_report
 
     path = write_report(sweep=args.sweep, experiment=args.experiment,
                         tracking_uri=args.tracking_uri, out=args.out)

@@ -38,7 +38,7 @@ def tiny_overrides(world, storage, name: str = "t", **extra) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_teacher(world, tmp_path_factory) -> str:
     """A tiny open_clip teacher pretrained briefly on the world's image-text split."""
-    from trainer.teacher_pretrain import pretrain
+    from trainer.teacher.pretrain import pretrain
 
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     pretrain(str(world / "pretrain"), str(path), steps=20, batch_size=32, seed=0)

@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from sharding.files import write_atomic
-from trainer.storage import is_remote
+from trainer.infra.storage import is_remote
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,7 @@ from torch import nn
 from sharding.files import atomic_path
 from trainer.checkpoint import load_weights_only, weights_only_resume
 from trainer.config import Config
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.method.optim import build_optimizer, build_scheduler
 
 
 def per_tensor_clip(cfg: Config) -> bool:

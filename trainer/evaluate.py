@@ -7,8 +7,8 @@ import torch
 
 from trainer.checkpoint import CheckpointError, load_weights_only
 from trainer.config import from_dict, load_yaml
-from trainer.metrics import build_gallery, evaluate
-from trainer.student import DualStudent
+from trainer.method.metrics import build_gallery, evaluate
+from trainer.method.student import DualStudent
 
 COLUMNS = ("R1", "R5", "R10", "R100", "SumR", "MedR", "MeanR", "MRR")
 

@@ -21,19 +21,20 @@ from tqdm import tqdm
 from sharding.files import atomic_path
 from sharding.splits import val_is_test
 from trainer import checkpoint as ckpt
-from trainer import best, dist, storage
+from trainer.infra import best, storage
+from trainer import dist
 from trainer.config import RESUMABLE, Config, ConfigError, resume_changes, save_yaml
 from trainer.engine import build_engine
-from trainer.losses import total_loss
-from trainer.metrics import EvalGallery, build_gallery, encode_gallery, rank_counts, rank_metrics
-from trainer.optim import seek
-from trainer.schedules import LossWeights, loss_weights, schedule_epoch
-from trainer.student import DualStudent
-from trainer.progress import PhaseTimer, fmt_eta
-from trainer.reporting import LocalReporter, Reporter
-from trainer.signals import Stopped, StopOnSignals
-from trainer.tracking import Tracker, resolve_uri
-from trainer.tracking_tags import (BEST_CHECKPOINT_TAG, NODE_RANKS_TAG, RESUME_CHANGED_PREFIX,
+from trainer.method.losses import total_loss
+from trainer.method.metrics import EvalGallery, build_gallery, encode_gallery, rank_counts, rank_metrics
+from trainer.method.optim import seek
+from trainer.method.schedules import LossWeights, loss_weights, schedule_epoch
+from trainer.method.student import DualStudent
+from trainer.infra.progress import PhaseTimer, fmt_eta
+from trainer.infra.reporting import LocalReporter, Reporter
+from trainer.infra.signals import Stopped, StopOnSignals
+from trainer.infra.tracking import Tracker, resolve_uri
+from trainer.infra.tags import (BEST_CHECKPOINT_TAG, NODE_RANKS_TAG, RESUME_CHANGED_PREFIX,
                                    VAL_IS_TEST_TAG, WORLD_SIZE_TAG)
 
 log = logging.getLogger("dldkd")
@@ -101,7 +102,7 @@ class Recipe:
                                    self.use_deepspeed)
         self.teacher = None
         if cfg.uses_teacher():
-            from trainer.teacher import build_teacher
+            from trainer.teacher.model import build_teacher
 
             self.teacher = build_teacher(cfg.teacher, self.device)
 

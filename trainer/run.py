@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from trainer.recipe import Recipe
-from trainer.signals import Stopped
+from trainer.infra.signals import Stopped
 
 
 def train(cfg, reporter=None, device=None, use_deepspeed: bool = True):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import submit as sub
+from launch.jobs import submit as sub
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

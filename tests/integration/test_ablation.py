@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import sweep, sweep_spec
+from launch.jobs import sweep, sweep_spec
 from trainer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,7 +150,7 @@ def test_teacher_quality_is_logged_once_per_teacher(world: Path, tiny_teacher: s
     ``dldkd teacher eval``), computed once per teacher and then read from the sweep's cache."""
     from mlflow.tracking import MlflowClient
 
-    import trainer.teacher_pretrain as tp
+    import trainer.teacher.pretrain as tp
 
     cfg, spec = sweep_spec.load_sweep(ABLATION, [])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

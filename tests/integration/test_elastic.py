@@ -118,8 +118,8 @@ def test_two_workers_resume_on_one_then_three_in_one_mlflow_run(world, tmp_path)
     import ray
     from mlflow.tracking import MlflowClient
 
-    from launch.lease import LeaseHeld
-    from launch.train import run
+    from launch.jobs.lease import LeaseHeld
+    from launch.jobs.train import run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = tiny_overrides(world, tmp_path, "elastic", **{

@@ -15,7 +15,7 @@ def test_two_node_cluster(world, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from launch.train import build_trainer
+    from launch.jobs.train import build_trainer
 
     # Two raylets with their own loopback addresses: Ray Train ranks nodes by IP, so this is
     # what two hosts look like to it (node rank, MASTER_ADDR, merged checkpoint uploads).
@@ -60,7 +60,7 @@ def test_losing_a_node_mid_run_finishes_on_the_remaining_one(world, tmp_path):
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
 
-    from launch.train import build_trainer
+    from launch.jobs.train import build_trainer
 
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 3, "node_ip_address": "127.0.0.1"})

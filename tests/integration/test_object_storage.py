@@ -15,11 +15,11 @@ import pytest
 from bench.servers import train_worker_pids
 
 from tests.conftest import tiny_overrides
-from trainer import storage
+from trainer.infra import storage
 from trainer.checkpoint import latest
 from trainer.config import load_config
 from trainer.recipe import Recipe
-from trainer.reporting import LocalReporter
+from trainer.infra.reporting import LocalReporter
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_two_workers_on_object_storage_survive_a_killed_worker(world, s3_world, 
     evaluates its best weights on test from storage, and keeps one MLflow run."""
     import ray
 
-    from launch.train import build_trainer
+    from launch.jobs.train import build_trainer
 
     uri = _mlflow_store(tmp_path, s3)
     name = f"s3kill-{os.getpid()}"

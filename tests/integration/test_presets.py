@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.validate import validate_run
-from launch.validate_report import FAIL, OK, WARN
+from launch.validate.checks import validate_run
+from launch.validate.result import FAIL, OK, WARN
 from sharding.msssl import convert
 from tests.release_fixture import make_release
 

@@ -42,7 +42,7 @@ def _mlflow_run(uri: str, name: str):
 
 
 def _fit(cfg):
-    from launch.train import build_trainer
+    from launch.jobs.train import build_trainer
 
     return build_trainer(cfg).fit()
 

@@ -9,7 +9,7 @@ import pytest
 from sharding.batch import VideoSample, collate
 from trainer.config import load_config
 from trainer.evaluate import load_student
-from trainer.metrics import build_gallery, evaluate
+from trainer.method.metrics import build_gallery, evaluate
 from trainer.recipe import Recipe
 
 DV, DQ = 24, 16
@@ -127,7 +127,7 @@ def test_bf16_autocast_without_deepspeed_tracks_fp32(tmp_path):
     is off there) and only the encoders' products run in bf16 (8 mantissa bits, ~0.4% each)."""
     import torch
 
-    from trainer.progress import PhaseTimer
+    from trainer.infra.progress import PhaseTimer
 
     train = planted_world(160, 0)
     curves = {}

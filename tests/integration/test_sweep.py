@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import report_render, report_stats, sweep, sweep_spec
+from launch.report import render as report_render, stats as report_stats
+from launch.jobs import sweep, sweep_spec
 from trainer.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]

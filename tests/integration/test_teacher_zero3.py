@@ -53,9 +53,9 @@ def _worker(rank: int, port: int, ckpt: str, bad_ckpt: str, cache_dir: str, out_
     try:
         from trainer import dist
         from trainer.config import TeacherConfig
-        from trainer.teacher import build_teacher
-        from trainer.teacher_placement import param_fraction
-        from trainer.teacher_weights import TeacherError
+        from trainer.teacher.model import build_teacher
+        from trainer.teacher.placement import param_fraction
+        from trainer.teacher.weights import TeacherError
 
         dist.init(use_gpu=False)
         cfg = TeacherConfig(arch="teacher-tiny", model_config=TINY, pretrained=ckpt,
@@ -91,7 +91,7 @@ def _worker(rank: int, port: int, ckpt: str, bad_ckpt: str, cache_dir: str, out_
 
 @pytest.mark.slow
 def test_zero3_teacher_on_two_cpu_ranks(tmp_path):
-    import trainer.compat  # noqa: F401
+    import trainer.teacher  # noqa: F401
 
     import open_clip
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from tests.conftest import MlflowServer, free_port
-from trainer.tracking import Tracker, is_transient
+from trainer.infra.tracking import Tracker, is_transient
 
 
 @pytest.fixture(scope="module")

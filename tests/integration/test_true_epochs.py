@@ -117,8 +117,8 @@ def test_a_run_with_true_epochs_takes_whole_epochs(tmp_path):
 
 
 def test_validate_states_the_steps_of_a_true_epoch(tmp_path):
-    from launch.validate import validate_run
-    from launch.validate_report import FAIL, OK
+    from launch.validate.checks import validate_run
+    from launch.validate.result import FAIL, OK
 
     src = _split(tmp_path / "train", 10)
     report = validate_run("configs/tiny.yaml", _tiny(src, tmp_path, "dist.num_workers=2"))

@@ -3,7 +3,7 @@ import statistics
 
 import pytest
 
-from launch.claims import (HOLDS, NOT_SEPARABLE, REVERSED, bootstrap_ci, evaluate_claim,
+from launch.report.claims import (HOLDS, NOT_SEPARABLE, REVERSED, bootstrap_ci, evaluate_claim,
                            paired_diffs)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from trainer.config import (Config, ConfigError, LossConfig, fields_by_key, from_dict, load_config,
                             save_yaml)
-from trainer.schedules import KD_SHAPES
+from trainer.method.schedules import KD_SHAPES
 
 PRESETS = sorted(Path("configs").glob("*.yaml"))
 
@@ -110,7 +110,7 @@ def test_schedule_choices_are_the_shapes():
 
 
 def test_min_workers_makes_the_run_elastic_up_to_num_workers():
-    from launch.train import workers
+    from launch.jobs.train import workers
 
     assert workers(from_dict({"dist": {"num_workers": 3, "min_workers": 1}})) == (1, 3)
     assert workers(from_dict({"dist": {"num_workers": 3}})) == 3

@@ -12,9 +12,9 @@ import torch
 
 from sharding.batch import VideoSample, collate
 from trainer.config import LossConfig, ModelConfig, TeacherConfig
-from trainer.losses import TeacherTargets, total_loss
-from trainer.schedules import loss_weights
-from trainer.student import DualStudent
+from trainer.method.losses import TeacherTargets, total_loss
+from trainer.method.schedules import loss_weights
+from trainer.method.student import DualStudent
 
 META = torch.device("meta")
 STUDENT_INPUTS = ("video_feats", "video_mask", "query_feats", "query_mask", "labels",
@@ -57,7 +57,7 @@ def test_student_and_losses_stay_on_the_inputs_device(hard_negatives):
 
 
 def test_precomputed_teacher_targets_on_the_inputs_device():
-    from trainer.teacher import build_teacher
+    from trainer.teacher.model import build_teacher
 
     teacher = build_teacher(TeacherConfig(placement="precomputed"), META)
     b = batch(emb=True)
@@ -68,8 +68,8 @@ def test_precomputed_teacher_targets_on_the_inputs_device():
 
 def test_online_teacher_encodes_and_scatters_on_its_device():
     """Frames are selected on the host (cache keys), encoded and scattered on the device."""
-    from trainer.teacher import Teacher, build_teacher
-    from trainer.teacher_placement import RawFeatures
+    from trainer.teacher.model import Teacher, build_teacher
+    from trainer.teacher.placement import RawFeatures
 
     cfg = TeacherConfig(arch="teacher-tiny", model_config="configs/teacher-tiny.json",
                         cache=False)

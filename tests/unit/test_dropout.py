@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.dropout import Dropout, keep_mask
+from trainer.method.dropout import Dropout, keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])

@@ -389,7 +389,7 @@ def test_shards_runs_and_artifacts_live_in_one_object_store(overlay: str, monkey
     """Shards, run storage (checkpoints, best weights) and MLflow artifacts are in the bucket of
     the S3-compatible store, which every client finds through the standard variables only."""
     from trainer.config import load_config
-    from trainer.storage import endpoint_env
+    from trainer.infra.storage import endpoint_env
 
     docs = render(overlay)
     storage = one(docs, "ConfigMap", "dldkd-storage")["data"]

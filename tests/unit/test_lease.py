@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from launch.lease import Lease, LeaseHeld, run_lease
-from trainer import storage
+from launch.jobs.lease import Lease, LeaseHeld, run_lease
+from trainer.infra import storage
 
 
 @pytest.fixture(params=["local", "s3"])

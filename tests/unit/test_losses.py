@@ -6,9 +6,9 @@ import torch
 
 from tests.unit import loss_reference as ref
 from trainer.config import LossConfig
-from trainer.losses import (PAD_SCORE, BranchScores, TeacherTargets, kd, nce, soft_nce,
+from trainer.method.losses import (PAD_SCORE, BranchScores, TeacherTargets, kd, nce, soft_nce,
                             total_loss as _total_loss, triplet)
-from trainer.schedules import LossWeights, loss_weights, soft_alpha, soft_beta
+from trainer.method.schedules import LossWeights, loss_weights, soft_alpha, soft_beta
 
 PAPER = LossConfig()
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from sharding.batch import VideoSample
 from trainer.config import ModelConfig
-from trainer.metrics import (EvalGallery, build_gallery, encode_gallery, encoded_from_embeddings,
+from trainer.method.metrics import (EvalGallery, build_gallery, encode_gallery, encoded_from_embeddings,
                              evaluate, rank_counts, rank_metrics, ranks_from_scores, score_matrix)
-from trainer.student import DualStudent
+from trainer.method.student import DualStudent
 
 
 def loop_ranks(scores: torch.Tensor, gt: torch.Tensor) -> list[int]:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.optim import BertAdam, lr_factor, param_groups
+from trainer.method.optim import BertAdam, lr_factor, param_groups
 
 
 def test_bert_adam_matches_the_formula():
@@ -65,7 +65,7 @@ def test_bert_adam_updates_many_tensors_as_the_formula_per_tensor():
 
 
 def test_seek_puts_the_schedule_where_stepping_would():
-    from trainer.optim import build_scheduler, seek
+    from trainer.method.optim import build_scheduler, seek
 
     def fresh():
         opt = BertAdam([nn.Parameter(torch.zeros(2))], lr=0.1)

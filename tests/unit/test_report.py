@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from launch import report, report_mlflow, report_render, report_stats, sweep, sweep_spec
+from launch.report import build as report, runs as report_mlflow, render as report_render, stats as report_stats
+from launch.jobs import sweep, sweep_spec
 from launch.cli import main as cli
-from trainer.tracking import Tracker
+from trainer.infra.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"

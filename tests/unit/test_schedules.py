@@ -4,7 +4,7 @@ import math
 import pytest
 
 from trainer.config import LossConfig, load_config
-from trainer.schedules import (KD_SHAPES, LossWeights, kd_weight, loss_weights, schedule_epoch,
+from trainer.method.schedules import (KD_SHAPES, LossWeights, kd_weight, loss_weights, schedule_epoch,
                                soft_alpha, soft_beta)
 
 PAPER = LossConfig()

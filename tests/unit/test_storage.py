@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import best, storage
+from trainer.infra import best, storage
 from trainer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

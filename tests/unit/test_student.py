@@ -9,8 +9,8 @@ import torch
 
 from sharding.batch import VideoSample, collate
 from trainer.config import ModelConfig
-from trainer.losses import PAD_SCORE
-from trainer.student import DualStudent, branch_scores
+from trainer.method.losses import PAD_SCORE
+from trainer.method.student import DualStudent, branch_scores
 
 TINY = dict(video_dim=12, query_dim=10, hidden=16, heads=4, max_frames=8, max_words=6,
             input_drop=0.0, drop=0.0)

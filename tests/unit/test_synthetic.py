@@ -14,7 +14,7 @@ from sharding.reader import read_all
 from sharding.synthetic import (ACTIONS, COLOURS, PATTERNS, SHAPES, World, WorldConfig,
                                 build_world, caption_concepts, oracle_scores)
 from sharding.writer import IMAGE_TEXT, load_manifest
-from trainer.metrics import rank_metrics, ranks_from_scores
+from trainer.method.metrics import rank_metrics, ranks_from_scores
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

@@ -3,7 +3,7 @@ from encode_text / encode_image, preprocessing against open_clip's own transform
 deduplication, the cache, weights loading and its errors, pretraining and zero-shot evaluation."""
 from __future__ import annotations
 
-import trainer.compat  # noqa: F401  (before open_clip)
+import trainer.teacher  # noqa: F401  (before open_clip)
 
 import dataclasses
 import json
@@ -20,13 +20,13 @@ from PIL import Image
 
 from sharding.batch import VideoSample, align_index, collate
 from trainer.config import TeacherConfig
-from trainer.losses import PAD_SCORE
-from trainer.teacher import build_teacher
-from trainer.teacher_placement import param_fraction
-from trainer.teacher_targets import similarity_targets
-from trainer.teacher_transform import preprocess_frames
-from trainer.teacher_weights import TeacherError, resolve_weights
-from trainer.teacher_cache import FrameEmbeddingCache
+from trainer.method.losses import PAD_SCORE
+from trainer.teacher.model import build_teacher
+from trainer.teacher.placement import param_fraction
+from trainer.method.targets import similarity_targets
+from trainer.teacher.transform import preprocess_frames
+from trainer.teacher.weights import TeacherError, resolve_weights
+from trainer.teacher.cache import FrameEmbeddingCache
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "teacher-tiny.json")
@@ -300,14 +300,15 @@ def test_precomputed_placement(batch):
 
 
 def test_torchvision_guard_is_a_noop_once_importable():
-    assert trainer.compat._import_torchvision() is False
+    from trainer.teacher.compat import guard_torchvision
+    assert guard_torchvision() is False
     import torchvision.transforms  # noqa: F401
 
 
 @pytest.mark.slow
 def test_pretraining_lowers_the_contrastive_loss(tmp_path):
     from sharding.synthetic import World, WorldConfig, write_pretrain
-    from trainer.teacher_pretrain import pretrain
+    from trainer.teacher.pretrain import pretrain
 
     write_pretrain(tmp_path / "pre", World(0, WorldConfig()), pairs=96, pairs_per_shard=48)
     out = tmp_path / "teacher.pt"
@@ -323,7 +324,7 @@ def test_pretraining_lowers_the_contrastive_loss(tmp_path):
 def test_pretraining_shards_come_from_a_versioned_image_text_manifest(tmp_path):
     from sharding.synthetic import World, write_pretrain
     from sharding.writer import ManifestError, load_manifest
-    from trainer.teacher_pretrain import image_text_pairs, shard_urls
+    from trainer.teacher.pretrain import image_text_pairs, shard_urls
 
     pre = tmp_path / "pre"
     write_pretrain(pre, World(0), pairs=6, pairs_per_shard=4, progress=False)
@@ -346,8 +347,8 @@ def test_pretraining_shards_come_from_a_versioned_image_text_manifest(tmp_path):
 
 
 def test_zero_shot_eval_matches_a_plain_ranking(teacher):
-    from trainer.metrics import rank_metrics
-    from trainer.teacher_pretrain import zero_shot_eval
+    from trainer.method.metrics import rank_metrics
+    from trainer.teacher.pretrain import zero_shot_eval
 
     rng = np.random.default_rng(4)
     samples = [video(rng, i, n, nt, c) for i, (n, nt, c) in

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from launch import cli
-from launch.validate import exact_batches_per_rank, validate_run
-from launch.validate_memory import (activation_elements, estimate_memory, student_param_count,
+from launch.validate.checks import exact_batches_per_rank, validate_run
+from launch.validate.memory import (activation_elements, estimate_memory, student_param_count,
                                     teacher_param_count)
-from launch.validate_report import FAIL, OK, WARN
+from launch.validate.result import FAIL, OK, WARN
 from sharding.batch import Batch
 from sharding.reader import ShardReader
 from sharding.synthetic import build_world
@@ -41,7 +41,7 @@ def world(tmp_path_factory) -> Path:
 def teacher_file(tmp_path_factory) -> Path:
     """Random weights of configs/teacher-tiny.json saved as the run reads them (validate opens
     the file)."""
-    import trainer.compat  # noqa: F401  (must precede open_clip)
+    import trainer.teacher  # noqa: F401  (must precede open_clip)
 
     import open_clip
 
@@ -465,7 +465,7 @@ def test_student_parameter_count_of_the_tvr_preset():
 
 
 def test_teacher_parameter_count_matches_a_built_model(good):
-    import trainer.compat  # noqa: F401
+    import trainer.teacher  # noqa: F401
     import open_clip
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", good)
@@ -481,8 +481,8 @@ TINY_MODEL = {"model.video_dim": 128, "model.query_dim": 64, "model.hidden": 128
 @pytest.fixture(scope="module")
 def measured_states() -> dict[str, int]:
     """What a real student and its optimizer hold after one step, in float32."""
-    from trainer.optim import build_optimizer
-    from trainer.student import DualStudent
+    from trainer.method.optim import build_optimizer
+    from trainer.method.student import DualStudent
 
     cfg = load_config(None, TINY_MODEL)
     model = DualStudent(cfg.model)
@@ -525,9 +525,9 @@ def test_zero_stages_divide_model_states(stage, precision, measured_states):
 
 def _saved_activation_bytes(cfg, B: int) -> int:
     """Bytes autograd saves for one student forward + loss (parameters and inputs excluded)."""
-    from trainer.losses import TeacherTargets, total_loss
-    from trainer.schedules import loss_weights
-    from trainer.student import DualStudent
+    from trainer.method.losses import TeacherTargets, total_loss
+    from trainer.method.schedules import loss_weights
+    from trainer.method.student import DualStudent
 
     m = cfg.model
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from trainer.config import Config
 
 if TYPE_CHECKING:
-    from trainer.teacher_weights import WeightSource
+    from trainer.teacher.weights import WeightSource
 
 DEFAULT_QUERIES_PER_VIDEO = 5.0   # TVR's captions per video; the manifest's ratio when known
 
@@ -58,7 +58,7 @@ def student_param_count(cfg: Config) -> int:
     """Parameters of DualStudent(cfg.model), built on the meta device (nothing allocated)."""
     import torch
 
-    from trainer.student import DualStudent
+    from trainer.method.student import DualStudent
 
     with torch.device("meta"):
         model = DualStudent(cfg.model)
@@ -70,7 +70,7 @@ def teacher_param_count(cfg: Config) -> int | None:
     offline (an hf-hub config, an unknown arch: the teacher check says why)."""
     if not cfg.uses_teacher() or cfg.teacher.placement == "precomputed":
         return 0
-    from trainer.teacher_weights import HF_HUB, TeacherError, resolve_weights
+    from trainer.teacher.weights import HF_HUB, TeacherError, resolve_weights
 
     try:
         source = resolve_weights(cfg.teacher, download=False)
@@ -85,7 +85,7 @@ def meta_teacher(source: WeightSource):
     """The open_clip model as the teacher builds it, on the meta device (no memory)."""
     import torch
 
-    from trainer.teacher_placement import create_clip
+    from trainer.teacher.placement import create_clip
 
     root = logging.getLogger()   # open_clip warns "No pretrained weights loaded" on the root
     level = root.level

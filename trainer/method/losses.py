@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.config import LossConfig
-from trainer.schedules import LossWeights
+from trainer.method.schedules import LossWeights
 
 # Score given to padded frames before a max or softmax over frames (the reference's mask_logits).
 PAD_SCORE = -1e10

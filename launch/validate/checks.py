@@ -16,12 +16,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from launch.validate_memory import (DEFAULT_QUERIES_PER_VIDEO, estimate_memory, meta_teacher,
+from launch.validate.memory import (DEFAULT_QUERIES_PER_VIDEO, estimate_memory, meta_teacher,
                                     size_text, teacher_use)
-from launch.validate_report import FAIL, OK, WARN, Check, Report
+from launch.validate.result import FAIL, OK, WARN, Check, Report
 from sharding.writer import Manifest, ManifestError
 from trainer.config import Config, ConfigError, load_config
-from trainer.storage import is_remote
+from trainer.infra.storage import is_remote
 
 SPLITS = ("train", "val", "test")
 HEALTH_TIMEOUT_S = 3.0
@@ -347,7 +347,7 @@ def check_teacher_inputs(cfg: Config, train: Manifest) -> Check:
 def check_val_split(cfg: Config) -> Check:
     """Model selection on the test split is allowed (the reference may do it) but never silent."""
     from sharding.splits import val_is_test
-    from trainer.tracking_tags import VAL_IS_TEST_TAG
+    from trainer.infra.tags import VAL_IS_TEST_TAG
 
     note = val_is_test(cfg.data.val, cfg.data.test)
     if note:
@@ -359,7 +359,7 @@ def check_val_split(cfg: Config) -> Check:
 
 # -- teacher weights -------------------------------------------------------------------------------
 def _looks_like_path(value: str) -> bool:
-    from trainer.teacher_weights import HF_HUB, WEIGHT_SUFFIXES
+    from trainer.teacher.weights import HF_HUB, WEIGHT_SUFFIXES
 
     return not value.startswith(HF_HUB) and ("/" in value or Path(value).suffix in WEIGHT_SUFFIXES)
 
@@ -368,7 +368,7 @@ def check_teacher_weights(cfg: Config, offline: bool) -> Check:
     t = cfg.teacher
     if not cfg.uses_teacher() or t.placement == "precomputed":
         return Check("teacher", OK, teacher_use(cfg))
-    from trainer.teacher_weights import HF_HUB, TeacherError, resolve_weights
+    from trainer.teacher.weights import HF_HUB, TeacherError, resolve_weights
 
     import open_clip
 
@@ -392,7 +392,7 @@ def check_teacher_weights(cfg: Config, offline: bool) -> Check:
         if not size:
             return Check("teacher", FAIL, f"teacher.pretrained={t.pretrained!r} is empty")
         try:   # opened as the run opens it: weights only, keys and shapes against teacher.arch
-            from trainer.teacher_weights import fit_state_dict, read_state_dict
+            from trainer.teacher.weights import fit_state_dict, read_state_dict
 
             shapes = {k: v.shape for k, v in meta_teacher(source).state_dict().items()}
             fit_state_dict(read_state_dict(t.pretrained), shapes,

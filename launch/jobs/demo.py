@@ -58,7 +58,7 @@ def run_demo(out: str | Path = "outputs/demo", small: bool = False) -> int:
 
     t = _stage(2, f"tiny CLIP teacher: {size['teacher_steps']} contrastive steps -> {teacher_ckpt}")
     from trainer.config import load_config
-    from trainer.teacher_pretrain import pretrain, zero_shot_eval_split
+    from trainer.teacher.pretrain import pretrain, zero_shot_eval_split
 
     if not teacher_ckpt.is_file():
         def show(step: int, loss: float) -> None:
@@ -77,9 +77,9 @@ def run_demo(out: str | Path = "outputs/demo", small: bool = False) -> int:
     t = _stage(3, "sweep: 2 trials x 2 DeepSpeed workers on a local Ray cluster, MLflow on SQLite")
     import ray
 
-    from launch.sweep import run_sweep
-    from launch.sweep_spec import load_sweep
-    from trainer.logs import setup_logging
+    from launch.jobs.sweep import run_sweep
+    from launch.jobs.sweep_spec import load_sweep
+    from trainer.infra.logs import setup_logging
 
     setup_logging()
     cfg, spec = load_sweep(SWEEP_CONFIG, data + [f"run.storage={out / 'runs'}"] + size["sweep"])

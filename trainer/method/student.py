@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from sharding.batch import Batch
 from trainer.config import ModelConfig
-from trainer.dropout import Dropout
-from trainer.losses import PAD_SCORE, BranchScores
+from trainer.method.dropout import Dropout
+from trainer.method.losses import PAD_SCORE, BranchScores
 
 BRANCHES: dict[str, tuple[str, ...]] = {
     "dual": ("inh", "exp"),

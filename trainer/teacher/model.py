@@ -8,7 +8,6 @@ by its cache).
 """
 from __future__ import annotations
 
-import trainer.compat  # noqa: F401  (must precede open_clip)
 
 import hashlib
 import json
@@ -24,12 +23,12 @@ from torch import Tensor, nn
 from sharding.batch import Batch
 from trainer import dist
 from trainer.config import TeacherConfig
-from trainer.losses import TeacherTargets
-from trainer.teacher_cache import FrameEmbeddingCache
-from trainer.teacher_placement import build_replicated, build_zero3, rank
-from trainer.teacher_targets import similarity_targets
-from trainer.teacher_transform import preprocess_frames
-from trainer.teacher_weights import HF_HUB, TeacherError, WeightSource, resolve_weights
+from trainer.method.losses import TeacherTargets
+from trainer.teacher.cache import FrameEmbeddingCache
+from trainer.teacher.placement import build_replicated, build_zero3, rank
+from trainer.method.targets import similarity_targets
+from trainer.teacher.transform import preprocess_frames
+from trainer.teacher.weights import HF_HUB, TeacherError, WeightSource, resolve_weights
 
 # CLIP's trained logit scale (open_clip clamps exp(logit_scale) to it); used for
 # ``logit_scale_targets`` when only pre-extracted embeddings are available.

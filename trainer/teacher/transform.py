@@ -7,7 +7,6 @@ only the resize is done here, tensor-wise.
 """
 from __future__ import annotations
 
-import trainer.compat  # noqa: F401  (must precede open_clip)
 
 import torch
 import torch.nn.functional as F

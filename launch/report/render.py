@@ -8,12 +8,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from launch.claims import ClaimResult
-from launch.report_mlflow import SCORES, RunRecord
-from launch.report_stats import (ablation_rows, by_teacher, groups, mean_std, score, short_path,
+from launch.report.claims import ClaimResult
+from launch.report.runs import SCORES, RunRecord
+from launch.report.stats import (ablation_rows, by_teacher, groups, mean_std, score, short_path,
                                  source_of, teacher_series, teacher_sumr_of)
 from sharding.files import atomic_path
-from trainer.tracking_tags import VAL_IS_TEST_TAG
+from trainer.infra.tags import VAL_IS_TEST_TAG
 
 # ------------------------------------------------------------------------------ plots
 

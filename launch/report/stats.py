@@ -7,9 +7,9 @@ import statistics
 from collections import defaultdict
 from typing import Any, Iterable
 
-from launch.claims import ClaimResult, evaluate_claim
-from launch.report_mlflow import SCORES, RunRecord
-from launch.sweep_spec import IDENTITY_KEYS, VARIANT_PARAM
+from launch.report.claims import ClaimResult, evaluate_claim
+from launch.report.runs import SCORES, RunRecord
+from launch.jobs.sweep_spec import IDENTITY_KEYS, VARIANT_PARAM
 
 # Params that never tell variants apart: each trial's identity, the seed, the variant's own name.
 NOT_A_SETTING = (*IDENTITY_KEYS, "train.seed", VARIANT_PARAM)

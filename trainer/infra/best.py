@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from trainer import storage
+from trainer.infra import storage
 
 log = logging.getLogger("dldkd")
 

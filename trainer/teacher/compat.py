@@ -1,4 +1,4 @@
-"""Guarded torchvision workaround; import this module before open_clip in every process.
+"""Guarded torchvision workaround, run once by ``trainer/teacher/__init__.py`` before open_clip.
 
 PyPI's torchvision 0.28.0 is a CUDA build. Beside a CPU torch its import fails with
 ``operator torchvision::nms does not exist`` and open_clip (which needs only torchvision's
@@ -19,7 +19,7 @@ _SCHEMAS = (
 _library: torch.library.Library | None = None  # kept alive: dropping it unregisters the schemas
 
 
-def _import_torchvision() -> bool:
+def guard_torchvision() -> bool:
     """Import torchvision; return whether the op-schema workaround was needed."""
     global _library
     try:
@@ -36,6 +36,4 @@ def _import_torchvision() -> bool:
     import torchvision  # noqa: F401,F811
     return True
 
-
-TORCHVISION_PATCHED = _import_torchvision()
 

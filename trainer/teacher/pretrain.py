@@ -8,7 +8,6 @@ the teacher is before distilling from it.
 """
 from __future__ import annotations
 
-import trainer.compat  # noqa: F401  (must precede open_clip)
 
 import math
 import random
@@ -26,10 +25,10 @@ from sharding.files import atomic_path
 from sharding.images import decode_jpeg
 from sharding.writer import IMAGE_TEXT, load_manifest
 from trainer.config import Config, TeacherConfig
-from trainer.metrics import encoded_from_embeddings, rank_counts, rank_metrics
-from trainer.teacher import Teacher, build_teacher
-from trainer.teacher_transform import preprocess_frames
-from trainer.teacher_weights import TeacherError, resolve_weights
+from trainer.method.metrics import encoded_from_embeddings, rank_counts, rank_metrics
+from trainer.teacher.model import Teacher, build_teacher
+from trainer.teacher.transform import preprocess_frames
+from trainer.teacher.weights import TeacherError, resolve_weights
 
 TINY_CONFIG = preset("teacher-tiny.json")
 

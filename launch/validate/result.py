@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.validate_memory import MemoryEstimate
+from launch.validate.memory import MemoryEstimate
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 

@@ -7,7 +7,6 @@ under ``zero3``: its forward gathers the parameters) and the sha256 that names t
 """
 from __future__ import annotations
 
-import trainer.compat  # noqa: F401  (must precede open_clip)
 
 import hashlib
 from typing import Callable
@@ -18,7 +17,7 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from sharding.writer import sha256_file
-from trainer.teacher_weights import TeacherError, WeightSource, fit_state_dict, read_state_dict
+from trainer.teacher.weights import TeacherError, WeightSource, fit_state_dict, read_state_dict
 
 
 class RawFeatures(nn.Module):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sharding.files import write_atomic
-from trainer.tracking_tags import RUN_KEY_TAG
+from trainer.infra.tags import RUN_KEY_TAG
 
 log = logging.getLogger(__name__)
 

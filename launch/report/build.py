@@ -14,11 +14,11 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from launch.claims import ClaimResult
-from launch.report_mlflow import ReportError, experiment_runs, read_run, sweep_runs
-from launch.report_render import plot_curves, plot_kd_gain, plot_teacher_quality, render
-from launch.report_stats import assign_labels, claim_results, mean_curves, teacher_series
-from launch.sweep_spec import CLAIMS_PARAM
+from launch.report.claims import ClaimResult
+from launch.report.runs import ReportError, experiment_runs, read_run, sweep_runs
+from launch.report.render import plot_curves, plot_kd_gain, plot_teacher_quality, render
+from launch.report.stats import assign_labels, claim_results, mean_curves, teacher_series
+from launch.jobs.sweep_spec import CLAIMS_PARAM
 from sharding.files import write_atomic
 from trainer.config import load_config
 

@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.tracking_tags import KIND_TAG, RUN_KEY_TAG, SWEEP_KIND, VAL_IS_TEST_TAG, VARIANT_TAG
+from trainer.infra.tags import KIND_TAG, RUN_KEY_TAG, SWEEP_KIND, VAL_IS_TEST_TAG, VARIANT_TAG
 
 SCORES = ("R1", "R5", "R10", "R100", "SumR")
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.losses import PAD_SCORE, TeacherTargets
+from trainer.method.losses import PAD_SCORE, TeacherTargets
 
 
 def similarity_targets(text: Tensor, frames: Tensor, mask: Tensor,

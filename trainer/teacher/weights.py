@@ -7,7 +7,6 @@ for tests). A custom architecture is an open_clip JSON config registered under `
 """
 from __future__ import annotations
 
-import trainer.compat  # noqa: F401  (must precede open_clip)
 
 import difflib
 import json

@@ -184,7 +184,7 @@ def _check_config(entry: str, config: str, overrides: list[str], root: Path) -> 
                                 f"{root} (the job sees only the uploaded copy), given relative "
                                 "to it, e.g. configs/tvr.yaml")
     if entry == "sweep":
-        from launch.sweep_spec import load_sweep
+        from launch.jobs.sweep_spec import load_sweep
 
         load_sweep(root / path, overrides)
     else:

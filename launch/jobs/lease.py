@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 from sharding.files import write_atomic
-from trainer import storage
+from trainer.infra import storage
 
 TTL_S = 120.0
 log = logging.getLogger("dldkd")

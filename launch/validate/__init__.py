@@ -1,0 +1,1 @@
+"""`dldkd validate`: the checks, the per-worker memory model, and what is printed."""

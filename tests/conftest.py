@@ -112,3 +112,25 @@ def s3(s3_server, request) -> S3Store:
     return S3Store(s3_server, f"{name}-{uuid.uuid4().hex[:8]}")
 
 
+
+
+@pytest.fixture
+def ray_session():
+    """One local Ray cluster shared by the session's Ray tests (each start costs seconds and a
+    GB): started on first use, restarted if a test shut it down (tests that need a cluster of
+    their own, such as the multi-node ones, call ``ray.shutdown()`` first), stopped at exit."""
+    import ray
+
+    if not ray.is_initialized():
+        # address="local": a cluster of our own even when `ray start` runs one on this machine.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_shutdown_at_exit():
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()

@@ -17,14 +17,16 @@ RUN apt-get update \
 WORKDIR /app
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" torch==2.13.0 torchvision==0.28.0
 
-COPY setup.cfg pyproject.toml README.md ./
+COPY setup.cfg pyproject.toml README.md constraints.txt ./
 COPY trainer ./trainer
 COPY sharding ./sharding
 COPY launch ./launch
 COPY bench ./bench
 COPY configs ./configs
 # The MLflow server's Postgres driver rides along (s3fs and boto3 are dldkd dependencies).
-RUN pip install --no-cache-dir . psycopg2-binary==2.9.13
+# constraints.txt pins every indirect dependency to the set the tests ran with (its torch pin
+# accepts the +cuXXX build installed above).
+RUN pip install --no-cache-dir -c constraints.txt . psycopg2-binary==2.9.13
 
 USER 1000
 ENV HOME=/home/ray

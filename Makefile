@@ -7,8 +7,12 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# pytest-xdist processes for `make test`, a test file each: most of a test's time is spent
+# starting processes (Ray, DeepSpeed ranks, MLflow servers) and waiting on them, so more
+# workers than cores keeps both cores busy.
+TEST_WORKERS ?= 3
 
-.PHONY: install demo test test-fast test-gpu bench clean
+.PHONY: install demo test test-fast test-gpu gpu-bundle gpu-check-dry bench clean
 
 install: $(STAMP)
 
@@ -21,8 +25,13 @@ $(STAMP): setup.cfg constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/dldkd demo $(DEMO_ARGS)
 
+# The explorer's browser test needs Debian's chromium: installed where we can (root with apt);
+# elsewhere that one test skips and says how to install it.
 test: $(STAMP)
-	$(PY) -m pytest
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; }; } \
+	  || echo "chromium not installed: the browser test will skip (as root: apt-get install -y chromium)"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
@@ -33,6 +42,24 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu tests/gpu
 	$(PY) -m bench.gpu
 	$(PY) -m bench.eval --runs 2
+
+# An air-gapped GPU node with a fixed PyTorch image (docs/benchmarks.md, "GPU"): the cp312 wheels
+# it lacks, into gpu-bundle/; then `bash tools/gpu-check.sh` there. gpu-check-dry runs that
+# script here on the CPU (CUDA steps skipped), then again with a 45 s budget, which must stop
+# a step and still write summary.json.
+gpu-bundle: $(STAMP)
+	$(PY) tools/gpu_bundle.py
+
+gpu-bundle/bundle.json: $(STAMP) constraints.txt tools/gpu_bundle.py
+	$(PY) tools/gpu_bundle.py
+
+gpu-check-dry: gpu-bundle/bundle.json
+	rm -rf .cache/gpu-check-dry .cache/gpu-check-guard
+	GPU_CHECK_DRY=1 OUT=.cache/gpu-check-dry bash tools/gpu-check.sh
+	! GPU_CHECK_DRY=1 GPU_CHECK_BUDGET_S=45 OUT=.cache/gpu-check-guard bash tools/gpu-check.sh
+	$(PY) -c "import json; s = json.load(open('.cache/gpu-check-guard/summary.json')); \
+	  cut = [x['name'] for x in s['steps'] if x['status'] in ('timeout', 'skipped-out-of-time')]; \
+	  assert cut, s['steps']; print('time guard stopped or skipped:', cut)"
 
 bench: $(STAMP)
 	for b in step eval data teacher scale; do $(PY) -m bench.$$b || exit 1; done

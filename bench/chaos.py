@@ -1,13 +1,17 @@
-"""A chaos run: one tiny DL-DKD++ run through four faults, against the same run undisturbed.
+"""A chaos run: one tiny DL-DKD++ run through five faults, against the same run undisturbed.
 
 The run is what one sweep trial runs (Ray Train, DeepSpeed workers on gloo, the online teacher,
-MLflow on a real server), on a small synthetic world, and meets, in this order:
+MLflow on a real server), on a small synthetic world, with its run storage (checkpoints,
+``best/``, the test report) in S3 (moto's S3 API server on 127.0.0.1), and meets, in this order:
 
 1. a SIGKILLed worker at a random step after the first checkpoint (Ray restarts the group);
 2. the MLflow server stopped for a few seconds, then restarted (the tracker spools, replays);
-3. one training shard corrupted (one sample's bytes garbled: counted, skipped, logged);
-4. a relaunch of the same run on another worker count (elastic resume), which extends it to
-   its full length.
+3. one training shard corrupted (one sample's bytes garbled; its hash no longer matches the
+   manifest's, so the whole shard, a quarter of the data, is counted, skipped and logged:
+   ``data.max_bad_fraction`` is 0.3);
+4. a relaunch of the same run on another worker count (elastic resume) by a ``dldkd train``
+   driver, which gets SIGTERM mid-run (it saves at the next log step and exits 143);
+5. a relaunch that extends the run to its full length.
 
 It prints one JSON line: the faults injected, the steps completed and expected, the steps whose
 loss is missing from MLflow (``metrics_lost``, must be 0), the MLflow runs of the trial
@@ -35,16 +39,57 @@ STEPS_PER_EPOCH = 4
 EPOCHS = 4            # the first launch runs half of them
 
 
-def _config(world: Path, runs: Path, uri: str, name: str, workers: int, epochs: int, seed: int):
-    from trainer.config import load_config
-
-    return load_config("configs/tiny.yaml", [
+def _overrides(world: Path, runs: str, uri: str, name: str, workers: int, epochs: int,
+               seed: int) -> list[str]:
+    return [
         f"data.train={world / 'train'}", f"data.val={world / 'val'}", f"data.test={world / 'test'}",
-        f"data.steps_per_epoch={STEPS_PER_EPOCH}", "data.max_bad_fraction=0.2",
+        f"data.steps_per_epoch={STEPS_PER_EPOCH}", "data.max_bad_fraction=0.3",
         f"train.epochs={epochs}", "train.ckpt_every=2", "train.log_every=1", f"train.seed={seed}",
         "loss.hard_negative_start_epoch=2", f"dist.num_workers={workers}", "dist.max_failures=3",
         f"tracking.uri={uri}", "tracking.system_metrics=false", f"run.storage={runs}",
-        f"run.name={name}"])
+        f"run.name={name}"]
+
+
+def _config(*args):
+    from trainer.config import load_config
+
+    return load_config("configs/tiny.yaml", _overrides(*args))
+
+
+def _sigterm_driver(overrides: list[str], server_uri: str, name: str, after_step: int) -> int:
+    """``dldkd train`` as a driver process on this Ray cluster, SIGTERMed once ``after_step``
+    is logged; returns its exit status."""
+    import subprocess
+    import sys
+
+    import ray
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "train", "--address",
+         ray.get_runtime_context().gcs_address, "--config", "configs/tiny.yaml", *overrides],
+        cwd=Path(__file__).resolve().parents[1])
+    while _logged_steps(server_uri, name) < after_step and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=600)
+
+
+def _s3_server():
+    """moto's S3 API on 127.0.0.1 and a bucket, found by every client through the standard
+    variables (set here, so Ray workers get them too); returns (server, runs URI)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                       "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{port}"})
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("chaos")
+    return server, "s3://chaos/runs"
 
 
 def _fit(cfg):
@@ -104,13 +149,14 @@ def main() -> None:
     world = root / "world"
     build_world(world, videos=64, eval_videos=32, pretrain_pairs=0, videos_per_shard=16,
                 seed=args.seed, progress=False)
+    s3, runs = _s3_server()
     server = MlflowServer(root / "mlflow", free_port())
     server.start()
     init_ray(None)
     rng = random.Random(args.seed)
     faults: list[dict] = []
     try:
-        _fit(_config(world, root / "runs", server.uri, "calm", args.workers, EPOCHS, args.seed))
+        _fit(_config(world, runs, server.uri, "calm", args.workers, EPOCHS, args.seed))
         name, half = "chaos", EPOCHS // 2
         kill_at = rng.randint(3, half * STEPS_PER_EPOCH - 1)   # after the step-2 checkpoint
 
@@ -129,18 +175,22 @@ def main() -> None:
 
         thread = threading.Thread(target=saboteur, daemon=True)
         thread.start()
-        _fit(_config(world, root / "runs", server.uri, name, args.workers, half, args.seed))
+        _fit(_config(world, runs, server.uri, name, args.workers, half, args.seed))
         thread.join(timeout=120)
         faults.append({"fault": "corrupt_shard", "shard": _corrupt_one_sample(world / "train")})
         faults.append({"fault": "resume_on_other_worker_count", "from": args.workers,
                        "to": args.resume_workers})
-        _fit(_config(world, root / "runs", server.uri, name, args.resume_workers, EPOCHS,
-                     args.seed))
+        full = (world, runs, server.uri, name, args.resume_workers, EPOCHS, args.seed)
+        stop_at = rng.randint(half * STEPS_PER_EPOCH + 1, EPOCHS * STEPS_PER_EPOCH - 2)
+        status = _sigterm_driver(_overrides(*full), server.uri, name, stop_at)
+        faults.append({"fault": "sigterm_driver", "after_step": stop_at, "exit": status})
+        _fit(_config(*full))
         runs, hist = _history(server.uri, name)
         _, calm_hist = _history(server.uri, "calm")
     finally:
         ray.shutdown()
         server.stop()
+        s3.stop()
     expected = EPOCHS * STEPS_PER_EPOCH
     losses = hist.get("train/loss", {})
     print(json.dumps({
@@ -149,6 +199,7 @@ def main() -> None:
         "damaged_samples_seen": max(hist.get("data/bad_samples", {0: 0}).values()),
         "final_test_SumR": round(max(hist.get("test/SumR", {0: 0}).values()), 2),
         "undisturbed_test_SumR": round(max(calm_hist.get("test/SumR", {0: 0}).values()), 2),
+        "run_storage": runs,
         "wall_s": round(time.perf_counter() - started, 1), "workdir": str(root)}))
 
 

@@ -20,6 +20,11 @@ Floor: reading the shard bytes once from the warm page cache (``floor_videos_s``
 here); the reader reads them, decodes them and writes the batch. The consumer: the student's
 training step (``bench.step``'s) at the same batch and all threads, timed here after the reader;
 ``feed_over_step`` is videos/s read over videos/s the step consumes (goal >= 5).
+Integrity: the reader hashes each shard's bytes as it reads them and checks the manifest's
+sha256 at the shard's end, in a thread beside the decoding. ``hash_cpu_ms_per_shard``: hashing
+one shard's bytes; ``hash_cpu_share_of_reader``: that CPU time per video over the in-process
+reader's; ``hash_wall_share_of_reader``: the reader's time per video with the check over
+without it, minus 1 (goal < 0.05; best of ``--hash-runs`` each, interleaved).
 Prints one JSON line.
 """
 from __future__ import annotations
@@ -188,6 +193,47 @@ def time_reader(shards: Path, batches: int, batch: int, workers: int):
     return clock, n, first
 
 
+def time_hash(shards_dir: Path, batch: int, batches: int, runs: int) -> dict:
+    """What the streaming sha256 check costs: ``cpu_ms_per_shard``, hashing one shard's bytes
+    (hashlib, in this thread); ``wall_share``, the in-process reader's seconds per video with the
+    check over without it, minus 1 (best of ``runs`` each, interleaved; the hash runs in a thread
+    of its own beside the decoding); ``cpu_share``, the hash's CPU time over the reader's."""
+    import hashlib
+
+    shards = sorted(shards_dir.glob("*.tar"))
+    cpu = []
+    for _ in range(runs):
+        t0 = time.process_time()
+        for path in shards:
+            hashlib.sha256(path.read_bytes()).hexdigest()
+        cpu.append((time.process_time() - t0) / len(shards))
+    wall = {True: [], False: []}
+    reader_cpu = []
+    for _ in range(runs):
+        for hashed in (True, False):
+            reader = ShardReader(shards_dir, batch_videos=batch, loader_workers=0,
+                                 steps_per_epoch=batches, seed=0, shuffle_buffer=batch,
+                                 video_dim=DV, query_dim=DQ, true_epochs=False)
+            if not hashed:
+                reader.plan.hashes = {}
+            n, t0, c0 = 0, time.perf_counter(), time.process_time()
+            for b in reader.epoch(0):
+                n += _to_device(b, CPU, torch.float32).num_videos
+            wall[hashed].append((time.perf_counter() - t0) / n)
+            if not hashed:
+                reader_cpu.append((time.process_time() - c0) / n)
+    per_video = min(cpu) * len(shards) / _videos(shards_dir)
+    return {"cpu_ms_per_shard": min(cpu) * 1e3,
+            "wall_share": min(wall[True]) / min(wall[False]) - 1,
+            "cpu_share": per_video / min(reader_cpu)}
+
+
+def _videos(shards_dir: Path) -> int:
+    from sharding.writer import load_manifest
+
+    return load_manifest(str(shards_dir)).totals["videos"]
+
+
 def read_files(paths: list[Path]) -> float:
     """Seconds to read every byte of ``paths`` into one reused buffer (the floor; the first
     call also warms the page cache)."""
@@ -225,6 +271,8 @@ def main() -> None:
                         help="ours: batches per baseline batch (passes over the videos)")
     parser.add_argument("--per-shard", type=int, default=10)
     parser.add_argument("--step-runs", type=int, default=3, help="timed training steps")
+    parser.add_argument("--hash-runs", type=int, default=5,
+                        help="passes over the shards timing the sha256 check (best taken)")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # reading is compared per core; the step gets them all back
@@ -243,6 +291,7 @@ def main() -> None:
         ours = {0: (clock, n, start)}
         for w in (1, 2):
             ours[w] = time_reader(shards_dir, rounds * args.passes, args.batch, w)
+        hashing = time_hash(shards_dir, args.batch, rounds * args.passes, args.hash_runs)
         rel.h5.close()
     torch.set_num_threads(threads)
     step_s = time_step(args.batch, args.step_runs)
@@ -264,6 +313,9 @@ def main() -> None:
         "main_cpu_ms_per_batch": {str(w): round(clock.cpu * args.batch / n * 1e3, 1)
                                   for w, (clock, n, _) in ours.items()},
         "first_batch_s": {str(w): round(start, 2) for w, (_, _, start) in ours.items()},
+        "hash_cpu_ms_per_shard": round(hashing["cpu_ms_per_shard"], 2),
+        "hash_wall_share_of_reader": round(hashing["wall_share"], 3),
+        "hash_cpu_share_of_reader": round(hashing["cpu_share"], 3),
         "step_s": round(step_s, 3),
         "step_videos_s": round(step_videos_s, 1),
         **{f"feed_over_step{sfx[w]}": round(rate[w] / step_videos_s, 1) for w in rate},

@@ -3,7 +3,7 @@
 The gallery is already encoded (random embeddings, both branches, d=384, a mild planted signal so
 the metrics are not all at chance): 10,895 queries, 2,179 videos, 1..128 valid frames each.
 
-- ours: trainer.metrics from raw embeddings (normalise, length-sorted chunks, fused blocked
+- ours: trainer.method.metrics from raw embeddings (normalise, length-sorted chunks, fused blocked
   scoring, pessimistic ranks, metrics).
 - floor: per branch, the bare matmul + max over frames into the full (Nq, Nv) cosine-max
   matrix, on the same prepared chunks, and nothing else (no fusion, ranking or metrics).

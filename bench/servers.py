@@ -1,6 +1,8 @@
 """Local servers that benchmarks and tests start and stop: a real ``mlflow server``."""
 from __future__ import annotations
 
+import os
+
 
 def free_port() -> int:
     import socket
@@ -32,7 +34,8 @@ class MlflowServer:
              str(self.port), "--workers", "1", "--backend-store-uri",
              f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
              str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)   # its own process group: stop() reaches uvicorn's workers
         deadline = time.time() + 180   # its start-up imports are slow on a loaded machine
         while time.time() < deadline:
             try:
@@ -45,20 +48,33 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server on port {self.port} did not become healthy in 180 s")
 
     def stop(self) -> None:
+        import signal
+        import subprocess
+
         if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:   # uvicorn's graceful stop can stall under load
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+            try:   # a worker that outlived its parent would keep the port
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc = None
 
 
-def train_worker_pids() -> list[int]:
-    """Ray Train worker processes on this machine (Ray titles them ``ray::RayTrainWorker...``)."""
+def train_worker_pids(root: int | None = None) -> list[int]:
+    """Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``) under process
+    ``root`` (default: this one, whose local Ray cluster starts them): other users' runs on the
+    same machine are never touched."""
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.Process(root or os.getpid()).children(recursive=True):
         try:
-            if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
                 pids.append(proc.pid)
         except psutil.Error:
             continue

@@ -1,6 +1,6 @@
 """One training step (forward, backward, optimiser) of the full DL-DKD++ loss at TVR dims.
 
-Ours (trainer.losses.total_loss, vectorised) against the reference-style baseline
+Ours (trainer.method.losses.total_loss, vectorised) against the reference-style baseline
 (bench.reference_losses: Python loops, deep copy, anomaly mode) in the same process, on the same
 batch, weights and negative draws: both must give the same loss value (checked with dropout off,
 then timed in training mode with the TVR preset's dropout 0.2).

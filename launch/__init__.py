@@ -1,0 +1,1 @@
+"""Everything that starts work: the `dldkd` command, Ray Train and Tune jobs, validate, report."""

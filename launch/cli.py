@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(val)
     val.add_argument("--offline", action="store_true",
                      help="skip checks that need the data and storage (config-only)")
+    val.add_argument("--deep", action="store_true",
+                     help="decode every sample of every shard (default: the first and last of "
+                     "each) and hash remote shards too")
 
     train = sub.add_parser("train", help="one run: N DeepSpeed workers under Ray Train",
                            description="A Ray Train job of dist.num_workers DeepSpeed workers "
@@ -114,9 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a split",
                         description="Metrics table and a JSON report of a best/ checkpoint.")
-    ev.add_argument("--checkpoint", required=True, help="a run's best/ folder")
+    ev.add_argument("--checkpoint", required=True, help="a run's best/ folder (or its s3:// URI), "
+                    "or an MLflow model: models:/NAME@ALIAS, models:/NAME/VERSION, "
+                    "runs:/RUN_ID/model")
+    ev.add_argument("--tracking-uri", default=None, help="the MLflow store of a models:/ or "
+                    "runs:/ checkpoint (default: $MLFLOW_TRACKING_URI)")
     ev.add_argument("--split", required=True, help="shard folder or URL of the split")
     ev.add_argument("--out", default=None, help="write the JSON report here")
+    ev.add_argument("--explain", default=None, metavar="OUT.html",
+                    help="also write the retrieval explorer here: one self-contained HTML page "
+                    "of the worst and best queries (docs/evaluation.md)")
 
     submit = sub.add_parser("submit", help="`ray job submit` this project to a cluster",
                             description="Wraps `ray job submit` with a runtime_env that excludes "

@@ -5,34 +5,60 @@ import argparse
 import json
 from pathlib import Path
 
-from sharding.files import write_atomic
-
 
 def cmd_shard(args: argparse.Namespace) -> int:
+    """Shards and manifests to ``--out``, a folder or an object store (``s3://...``): written in
+    this node's cache of that location, then uploaded one put per file, manifests last."""
+    from trainer.infra import storage
+
+    out = args.out
+    with storage.mirrored(out, under=args.split if args.source == "msssl" else "") as local:
+        if args.source == "msssl":
+            from sharding.msssl import convert
+
+            manifest = convert(args.root, args.collection, args.split, local,
+                               visual_feature=args.feature,
+                               videos_per_shard=args.videos_per_shard,
+                               max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
+        elif args.source == "frames":
+            from sharding.frames import add_frames
+
+            manifest = add_frames(args.shards, args.videos, local, size=args.size,
+                                  quality=args.quality, seconds_per_step=args.seconds_per_step,
+                                  workers=args.workers, overwrite=args.overwrite)
+        else:
+            from sharding.synthetic import WorldConfig, build_world
+
+            world = WorldConfig(video_dim=args.video_dim, query_dim=args.query_dim,
+                                image_size=args.image_size, min_frames=args.min_frames,
+                                max_frames=args.max_frames, token_noise=args.token_noise,
+                                frame_noise=args.frame_noise)
+            splits = build_world(local, videos=args.videos, eval_videos=args.eval_videos,
+                                 seed=args.seed, pretrain_pairs=args.pretrain_pairs, cfg=world,
+                                 videos_per_shard=args.videos_per_shard,
+                                 overwrite=args.overwrite)
     if args.source == "msssl":
-        from sharding.msssl import convert
-
-        manifest = convert(args.root, args.collection, args.split, args.out,
-                           visual_feature=args.feature, videos_per_shard=args.videos_per_shard,
-                           max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
-        print(f"wrote {len(manifest.shards)} shards to {Path(args.out) / args.split}")
-        return 0
-    if args.source == "frames":
-        return _shard_frames(args)
-    from sharding.synthetic import World, WorldConfig, build_world
-
-    world = WorldConfig(video_dim=args.video_dim, query_dim=args.query_dim,
-                        image_size=args.image_size, min_frames=args.min_frames,
-                        max_frames=args.max_frames, token_noise=args.token_noise,
-                        frame_noise=args.frame_noise)
-    out = build_world(args.out, videos=args.videos, eval_videos=args.eval_videos, seed=args.seed,
-                      pretrain_pairs=args.pretrain_pairs, cfg=world,
-                      videos_per_shard=args.videos_per_shard, overwrite=args.overwrite)
-    for split in out:
-        print(f"{split}: {Path(args.out) / split}")
-    for split in ("val", "test"):
-        print(f"{split}: {_world_bounds(World(args.seed, world), Path(args.out) / split)}")
+        print(f"wrote {len(manifest.shards)} shards to {storage.join(out, args.split)}")
+    elif args.source == "frames":
+        _report_frames(manifest, out)
+    else:
+        _report_world(args, world, splits, local, out)
     return 0
+
+
+def _report_world(args: argparse.Namespace, world, splits, local: Path, out: str) -> None:
+    from sharding.synthetic import World
+
+    for split in splits:
+        print(f"{split}: {_join(out, split)}")
+    for split in ("val", "test"):
+        print(f"{split}: {_world_bounds(World(args.seed, world), local / split)}")
+
+
+def _join(base: str, name: str) -> str:
+    from trainer.infra import storage
+
+    return storage.join(base, name)
 
 
 def _world_bounds(world, split: Path) -> str:
@@ -52,40 +78,49 @@ def _world_bounds(world, split: Path) -> str:
             f"{oracle['R100']:.1f}), chance SumR {chance:.1f} over {n} videos")
 
 
-def _shard_frames(args: argparse.Namespace) -> int:
-    from sharding.frames import add_frames
-
-    manifest = add_frames(args.shards, args.videos, args.out, size=args.size,
-                          quality=args.quality, seconds_per_step=args.seconds_per_step,
-                          workers=args.workers, overwrite=args.overwrite)
+def _report_frames(manifest, out: str) -> None:
     problems = {vid: why[len("frames: "):] for vid, why in manifest.skipped["ids"].items()
                 if why.startswith("frames: ")}
     for vid, why in list(problems.items())[:20]:
         print(f"skipped {vid}: {why}")
     if len(problems) > 20:
-        print(f"... {len(problems) - 20} more in {Path(args.out) / 'manifest.json'} (skipped)")
+        print(f"... {len(problems) - 20} more in {_join(out, 'manifest.json')} (skipped)")
     counts = ", ".join(f"{n} {kind}" for kind, n in manifest.notes["frames"]["skipped"].items())
     print(f"wrote {len(manifest.shards)} shards, {manifest.totals['videos']} videos with frames, "
-          f"to {args.out} (skipped: {counts})")
-    return 0
+          f"to {out} (skipped: {counts})")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from launch.validate.checks import validate_run
 
-    report = validate_run(args.config, args.overrides, offline=args.offline)
+    report = validate_run(args.config, args.overrides, offline=args.offline, deep=args.deep)
     print(report.render())
     return 0 if report.ok else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.no_ray:
+        import contextlib
+        import os
+
+        from launch.jobs.lease import run_lease
         from trainer.config import load_config
         from trainer.infra.logs import setup_logging
-        from trainer.run import train
+
+        from launch.validate.preflight import preflight
 
         setup_logging()
-        state = train(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg)   # validate's cheap checks, on every rank, before any work
+        # One launch per run: rank 0 holds the lease (under torchrun the other ranks wait for
+        # rank 0 to join the process group, and torchrun stops them when it fails), taken
+        # before torch and DeepSpeed are imported.
+        lease = run_lease(cfg.run.storage, cfg.run.name) \
+            if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+        with lease:
+            from trainer.run import train
+
+            state = train(cfg)
         print(f"best SumR {state.best_sumr:.2f} at step {state.best_step}")
         return 0
     from launch.jobs.train import run
@@ -104,11 +139,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_checkpoint, format_table
 
-    report = evaluate_checkpoint(args.checkpoint, args.split)
+    from trainer.infra import storage
+    from trainer.infra.mlflow_model import checkpoint_folder
+
+    # models:/ and runs:/ URIs are downloaded to a temporary best/ folder for the evaluation.
+    with checkpoint_folder(args.checkpoint, args.tracking_uri) as checkpoint:
+        if args.explain:   # the same metrics, and the explorer page of docs/evaluation.md
+            from trainer.evaluate import explain_checkpoint
+
+            report, page = explain_checkpoint(checkpoint, args.split, name=args.checkpoint)
+        else:
+            report = evaluate_checkpoint(checkpoint, args.split)
+    report["checkpoint"] = args.checkpoint
     print(format_table({"checkpoint": report["metrics"]}))
     if args.out:
-        out = write_atomic(args.out, json.dumps(report, indent=1))
-        print(f"report: {out}")
+        storage.write_bytes(storage.absolute(args.out), json.dumps(report, indent=1).encode())
+        print(f"report: {args.out}")
+    if args.explain:
+        storage.write_bytes(storage.absolute(args.explain), page.encode())
+        print(f"explorer: {args.explain}")
     return 0
 
 
@@ -121,6 +170,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     if args.action == "pretrain":
+        _local_only("--out", args.out, "teacher pretrain", "a .pt file")
         from trainer.teacher.pretrain import pretrain
 
         result = pretrain(args.shards, out_path=args.out, arch=args.arch,
@@ -141,13 +191,25 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from launch.jobs.demo import run_demo
 
+    _local_only("--out", args.out, "demo", "a folder")
+
     return run_demo(args.out, small=args.small)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from launch.report.build import write_report
 
+    _local_only("--out", args.out, "report", "a folder")
+
     path = write_report(sweep=args.sweep, experiment=args.experiment,
                         tracking_uri=args.tracking_uri, out=args.out)
     print(f"report: {path}")
     return 0
+
+
+def _local_only(flag: str, value, command: str, what: str) -> None:
+    """Refuse a URL where a command writes local files (never a local folder named ``s3:``)."""
+    if value is not None and "://" in str(value):
+        raise ValueError(f"{flag} {value}: dldkd {command} writes {what} on this machine, not to "
+                         "an object store; give a local path and copy it there after (e.g. "
+                         "`aws s3 cp --recursive`)")

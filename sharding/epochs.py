@@ -36,34 +36,47 @@ def open_seekable(url: str, local_path: str | None):
     return fsspec.open(url, "rb").open()
 
 
-def index_shard(url: str, local_path: str | None) -> list[SampleRef]:
-    """Every whole sample of one shard, from its tar headers alone (no member data is read).
+def index_shard(url: str, local_path: str | None, sha256: str | None = None) -> list[SampleRef]:
+    """Every whole sample of one shard, from its tar headers alone (no member data is read);
+    with ``sha256`` the whole shard is read once, in order, through its hash (ShardHashError).
 
     A shard cut short keeps the samples before the cut; the caller compares the count with the
     manifest's.
     """
+    from sharding.integrity import HashedFile
+    from sharding.sources import check_member_path
+
     out: list[SampleRef] = []
     key, members = None, []
-    with open_seekable(url, local_path) as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(0)
+    with open_seekable(url, local_path) as raw:
+        size = raw.seek(0, os.SEEK_END)
+        raw.seek(0)
+        f = HashedFile(raw, url, sha256) if sha256 else raw
         try:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    k, _, suffix = os.path.basename(info.name).partition(".")
-                    if k != key and members:
-                        out.append(SampleRef(url, key, tuple(members)))
-                        members = []
-                    key = k
-                    members.append((suffix.lower(), info.offset_data, info.size))
-                if size - tar.offset < 2 * tarfile.BLOCKSIZE:
-                    members = []   # no end-of-archive blocks: the last sample may be cut
-        except (tarfile.TarError, OSError):
-            if not out:
-                raise
-            members = []   # the sample the error cut is not whole
+            try:
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    for info in tar:
+                        if not info.isreg():
+                            continue
+                        check_member_path(info.name, url)
+                        k, _, suffix = os.path.basename(info.name).partition(".")
+                        if k != key and members:
+                            out.append(SampleRef(url, key, tuple(members)))
+                            members = []
+                        key = k
+                        members.append((suffix.lower(), info.offset_data, info.size))
+                    if size - tar.offset < 2 * tarfile.BLOCKSIZE:
+                        members = []   # no end-of-archive blocks: the last sample may be cut
+            except (tarfile.TarError, OSError):
+                if sha256:
+                    f.verify()   # a replaced shard is named as such, not by its tar error
+                if not out:
+                    raise
+                members = []   # the sample the error cut is not whole
+            if sha256:
+                f.verify()
+        finally:
+            f.close()   # a HashedFile's hashing thread ends with it
     if members:
         out.append(SampleRef(url, key, tuple(members)))
     return [r for r in out if r.members[-1][1] + r.members[-1][2] <= size]
@@ -84,6 +97,33 @@ def rank_batches(n: int, seed: int, rank: int, world_size: int, batch: int) -> l
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2:] = [np.concatenate(batches[-2:])]
     return batches
+
+
+def epoch_steps(videos: int | None, batch_videos: int, world_size: int, *, true_epochs: bool,
+                resampled: bool, requested: int = 0) -> int | None:
+    """The steps of one (virtual) epoch on every rank: the one rule the reader and ``dldkd
+    validate`` share. ``requested`` is ``data.steps_per_epoch`` (0: derived).
+
+    - true epochs: ``requested`` or the whole epoch (:func:`steps_for`); more than the whole
+      epoch is refused (ValueError naming the key);
+    - resampled: ``requested`` or about one pass by all ranks, max(1, videos // global batch);
+    - exact reading: ``requested`` (0: each worker reads its shards once, no fixed count).
+
+    None where the answer needs the split's size and ``videos`` is None (no manifest read).
+    """
+    if true_epochs:
+        if videos is None:
+            return requested or None
+        full = steps_for(videos, world_size, batch_videos)
+        if requested > full:
+            raise ValueError(
+                f"data.steps_per_epoch={requested} but a true epoch of {videos} videos over "
+                f"{world_size} ranks in batches of {batch_videos} has {full} steps per rank: set "
+                f"data.steps_per_epoch <= {full}, or 0 for whole epochs")
+        return requested or full
+    if requested or not resampled:
+        return requested
+    return None if videos is None else max(1, videos // (batch_videos * world_size))
 
 
 def steps_for(n: int, world_size: int, batch: int) -> int:

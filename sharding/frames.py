@@ -9,9 +9,11 @@ shards are never modified.
 
 Videos are decoded in worker processes, a bounded number of videos in flight. Each output shard
 is streamed through ``shard_tar`` (atomic: whole or absent) and recorded in
-``.progress-frames.json``; a rerun with the same options and source keeps every recorded shard
-whose source and output still verify, and other options or another source are refused (the
-manifest's ``generator``) unless ``overwrite``.
+``.progress-frames.json`` with the video files it read (path, size, mtime; or none found); a
+rerun with the same options and source keeps every recorded shard whose source and output still
+verify and whose video files are unchanged (a video added since, or replaced, reprocesses its
+shard), and other options or another source are refused (the manifest's ``generator``) unless
+``overwrite``.
 """
 from __future__ import annotations
 
@@ -54,8 +56,9 @@ def add_frames(shards, videos, out, *, size: int = DEFAULT_SIZE, quality: int = 
     """
     src_dir, out_dir = Path(shards), Path(out)
     if "://" in str(shards) or "://" in str(out):
-        raise ValueError("dldkd shard frames reads and writes local folders; copy the split "
-                         "here first (e.g. `aws s3 sync`) and upload the output after")
+        raise ValueError(f"--shards {shards}: dldkd shard frames reads the source split from a "
+                         "local folder; copy it here first (e.g. `aws s3 sync`). --out may be "
+                         "an s3:// URL")
     if src_dir.resolve() == out_dir.resolve():
         raise ValueError(f"--out {out} must differ from --shards {shards}: the source shards are "
                          "read while the new ones are written (and stay as they are)")
@@ -84,7 +87,8 @@ def add_frames(shards, videos, out, *, size: int = DEFAULT_SIZE, quality: int = 
     done, todo = {}, []
     for shard in src.shards:
         rec = record.get(shard.name)
-        if rec and rec["source_sha256"] == shard.sha256 and _output_ok(out_dir, rec):
+        if rec and rec["source_sha256"] == shard.sha256 and _output_ok(out_dir, rec) \
+                and rec.get("videos") == _video_files(rec.get("videos") or {}, index):
             done[shard.name] = rec
             bar.update(shard.videos)
         else:
@@ -97,7 +101,7 @@ def add_frames(shards, videos, out, *, size: int = DEFAULT_SIZE, quality: int = 
     save()
     jobs = _jobs(src_dir, todo, index, size, quality, seconds_per_step)
     for shard, results in itertools.groupby(_run(jobs, workers), key=lambda r: r[0]):
-        done[shard.name] = _write_shard(out_dir / shard.name, shard, results, bar)
+        done[shard.name] = _write_shard(out_dir / shard.name, shard, results, bar, index)
         save()
     bar.close()
     return _finish(src, out_dir, done, generator)
@@ -188,15 +192,31 @@ def _run(jobs, workers: int | None):
             yield (shard_, members_, *fut.result())
 
 
-def _write_shard(path: Path, source: ShardInfo, results, bar) -> dict:
+def _video_files(ids, index: dict) -> dict:
+    """{video id: [file, bytes, mtime_ns] or None when no file is found}: what a shard's frames
+    were decoded from, to notice a video added or replaced since."""
+    out = {}
+    for vid in ids:
+        path = find_video(index, vid)
+        if path is None:
+            out[vid] = None
+            continue
+        st = os.stat(path)
+        out[vid] = [str(path), st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _write_shard(path: Path, source: ShardInfo, results, bar, index: dict) -> dict:
     """Stream the output shard of ``source`` from its videos' results (shard, members, video id,
     jpegs, problem); returns its progress record. A shard whose every video was skipped is not
     kept (``info`` None)."""
     problems: dict[str, str] = {}
+    ids: list[str] = []
     videos = captions = 0
     with shard_tar(path) as tar:
         for _, members, vid, jpegs, problem in results:
             bar.update(1)
+            ids.append(vid)
             if problem:
                 problems[vid] = problem
                 bar.set_postfix(skipped=len(problems))
@@ -210,7 +230,8 @@ def _write_shard(path: Path, source: ShardInfo, results, bar) -> dict:
                                 path.stat().st_size))
     else:
         path.unlink()
-    return {"source_sha256": source.sha256, "info": info, "problems": problems}
+    return {"source_sha256": source.sha256, "info": info, "problems": problems,
+            "videos": _video_files(ids, index)}
 
 
 def _finish(src: Manifest, out_dir: Path, done: dict, generator: dict) -> Manifest:

@@ -1,5 +1,5 @@
 """JPEG in and out, one way for every image dldkd stores: teacher frames (sharding.schema,
-sharding.video) and pretraining images (sharding.synthetic, trainer.teacher_pretrain).
+sharding.video) and pretraining images (sharding.synthetic, trainer.teacher.pretrain).
 
 Imports neither torch nor the shard schema: the frame decoders of ``dldkd shard frames`` run it
 in fresh processes.

@@ -280,13 +280,15 @@ def convert(root, collection: str, split: str, out, *, visual_feature: str | Non
             "dropped_captions": {"count": len(src.dropped), "ids": src.dropped},
             CAPTIONS_DIGEST: sha256_file(paths.captions),
         }
-        # The feature files by size (hashing them would read a whole release once more).
+        # The feature files by size and modification time (hashing them would read a whole
+        # release once more): a file rewritten since is noticed and the rerun refused.
         files = [paths.features / "feature.bin", paths.roberta]
         if src.use_clip:
             files += [paths.clip_video, paths.clip_text]
         generator = {"source": "msssl", "collection": collection, "clip": src.use_clip,
                      "visual_feature": paths.features.name, "captions": notes[CAPTIONS_DIGEST],
-                     "bytes": {f.name: f.stat().st_size for f in files}}
+                     "bytes": {f.name: f.stat().st_size for f in files},
+                     "mtime_ns": {f.name: f.stat().st_mtime_ns for f in files}}
         return write_split(Path(out) / split, split, list(src.captions), src.load,
                            videos_per_shard=videos_per_shard, max_shard_bytes=max_shard_bytes,
                            dims=dims, notes=notes, progress=progress, generator=generator,

@@ -25,170 +25,39 @@ stored float16; a DataLoader worker collates into shared memory, which crosses i
 without a copy. Features are cast to float32 in one place, as each batch arrives here, into this
 process's buffers: whatever ``loader_workers``, the reader yields the same float32 batches.
 
-A damaged sample or shard (an error in :data:`DAMAGE`) is skipped, logged and counted; the counts
-travel in ``batch.extras["read"]`` and add up in ``ShardReader.stats`` (the recipe logs them to
-MLflow). More than ``max_bad_fraction`` bad raises ``BadDataError``. Any other exception (a
-TypeError or KeyError in this code) is a bug, not damage, and is raised at once; so is a pickled
-member (``UnsafeMemberError``), which is a hazard, not damage.
+A damaged sample or shard (an error in ``sharding.integrity.DAMAGE``, a shard whose bytes fail
+the manifest's sha256 included) is skipped, logged and counted; the counts travel in
+``batch.extras["read"]`` and add up in ``ShardReader.stats`` (the recipe logs them to MLflow).
+More than ``max_bad_fraction`` of the epoch's samples bad raises ``BadDataError``
+(``sharding.integrity.over_budget``). Any other exception (a TypeError or KeyError in this code)
+is a bug, not damage, and is raised at once; so is a pickled member (``UnsafeMemberError``),
+which is a hazard, not damage.
+
+Over 400 lines as one concern: the three modes share one plan, one worker loop, one resume rule
+and one damage count (sources and integrity live in ``sharding.sources`` and
+``sharding.integrity``).
 """
 from __future__ import annotations
 
 import itertools
-import logging
-import os
 import random
-import tarfile
-import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator
-from urllib.parse import urlparse
-from urllib.request import url2pathname
+from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from sharding.batch import Batch, Buffers, VideoSample, collate
-from sharding.epochs import SampleFiles, SampleRef, index_shard, rank_batches, steps_for
-from sharding.schema import SCHEMA_VERSION, ShardError, UnsafeMemberError, decode_sample
-from sharding.writer import Manifest, ManifestError, load_manifest
+from sharding.epochs import SampleFiles, SampleRef, epoch_steps, index_shard, rank_batches
+from sharding.integrity import DAMAGE, BadDataError, ReadStats, over_budget
+from sharding.schema import ShardError, UnsafeMemberError, decode_sample
+from sharding.sources import (check_manifest, local_path, raw_samples, resolve_source,
+                              shard_hashes)
+from sharding.writer import Manifest
 
-_RECENT_ERRORS = 5
-log = logging.getLogger(__name__)
-
-# What damaged data raises while a shard is read and a sample decoded: I/O and tar errors, cut
-# streams, bad compression, and ValueError (ShardError, numpy's and json's decode errors).
-DAMAGE = (OSError, EOFError, tarfile.TarError, zlib.error, ValueError)
-
-
-class BadDataError(RuntimeError):
-    """More of the data was damaged than ``max_bad_fraction`` allows."""
-
-
-@dataclass
-class ReadStats:
-    """Counts of one worker (or, summed, of a whole reader)."""
-
-    samples: int = 0        # decoded and batched
-    bad_samples: int = 0    # skipped: damaged samples plus the samples lost with damaged shards
-    bad_shards: int = 0     # shards that failed to open or broke off midway
-    shards: int = 0         # shards opened
-    errors: list[str] = field(default_factory=list)   # the most recent messages
-
-    def note(self, message: str) -> None:
-        log.warning("skipped damaged data: %s", message)
-        self.errors = (self.errors + [message])[-_RECENT_ERRORS:]
-
-    @property
-    def bad_fraction(self) -> float:
-        seen = self.samples + self.bad_samples
-        return self.bad_samples / seen if seen else 0.0
-
-    def add(self, other: "ReadStats") -> None:
-        self.samples += other.samples
-        self.bad_samples += other.bad_samples
-        self.bad_shards += other.bad_shards
-        self.shards += other.shards
-        self.errors = (self.errors + other.errors)[-_RECENT_ERRORS:]
-
-
-def resolve_source(source: str | Iterable[str]) -> tuple[list[str], Manifest | None]:
-    """Shard URLs and the manifest (if any) for a directory/manifest location or shard URLs.
-
-    ``source`` may be a directory or URL holding ``manifest.json`` (or the manifest itself), a brace
-    pattern (``/data/train-{000000..000009}.tar``), a list of those, local paths, ``file://``,
-    ``http(s)://``, ``s3://`` (through fsspec) or ``pipe:`` commands.
-    """
-    import braceexpand
-
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    if isinstance(source, str):
-        if not source.endswith(".tar") and not source.startswith("pipe:") and "{" not in source:
-            manifest = load_manifest(source)
-            return manifest.urls(), manifest
-        source = [source]
-    urls = [u for s in source for u in braceexpand.braceexpand(os.fspath(s))]
-    if not urls:
-        raise ValueError(f"no shard URLs in {source!r}")
-    return urls, None
-
-
-def check_manifest(manifest: Manifest, video_dim: int | None = None, query_dim: int | None = None,
-                   teacher_dim: int | None = None) -> None:
-    """Fail early when the shards were written for another model shape or schema."""
-    if manifest.schema_version != SCHEMA_VERSION:
-        raise ManifestError(f"shards at {manifest.base} use schema {manifest.schema_version}, "
-                            f"this reader reads {SCHEMA_VERSION}")
-    for key, want in (("video_dim", video_dim), ("query_dim", query_dim),
-                      ("teacher_dim", teacher_dim)):
-        have = manifest.dims.get(key)
-        if want is not None and have is not None and have != want:
-            raise ManifestError(f"shards at {manifest.base} have {key}={have} but the model expects"
-                                f" {want}: set model.{key}={have} or point data at other shards")
-
-
-def steps_per_epoch_for(manifest: Manifest, batch_videos: int, world_size: int) -> int:
-    """One virtual epoch = about one pass over the split by all ranks together."""
-    return max(1, manifest.totals["videos"] // (batch_videos * world_size))
-
-
-def _local_path(url: str) -> str | None:
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return url2pathname(parsed.path)
-    return url if parsed.scheme == "" or len(parsed.scheme) == 1 else None   # 1 letter: a drive
-
-
-def _tar_members(url: str) -> Iterator[dict]:
-    """(fname, data) of every regular member in tar order, tagged with the shard's URL.
-
-    A local shard is read with random-access ``tarfile`` (about twice as fast as a stream);
-    anything else is streamed: ``pipe:`` through webdataset's gopen, URLs through fsspec.
-    """
-    path = _local_path(url)
-    if path is not None:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                if info.isreg():
-                    yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-        return
-    if url.startswith("pipe:"):
-        stream = wds.gopen(url)
-    else:
-        import fsspec
-
-        stream = fsspec.open(url, "rb").open()
-    try:
-        for f in tar_file_iterator(stream):
-            f["__url__"] = url
-            yield f
-    finally:
-        stream.close()
-
-
-def _raw_samples(urls: Iterable[str], stats: ReadStats, expected: dict[str, int],
-                 give_up_after: int | None) -> Iterator[dict]:
-    """Undecoded samples of each shard in turn; a shard that breaks is counted, not fatal."""
-    dry = 0   # consecutive shards without a single sample
-    for url in urls:
-        n = 0
-        stats.shards += 1
-        try:
-            for sample in group_by_keys(_tar_members(url)):
-                n += 1
-                yield sample
-            if n < expected.get(url, 0):
-                raise ShardError(f"ends after {n} of the manifest's {expected[url]} samples")
-        except DAMAGE as e:   # skip the rest of the shard
-            stats.bad_shards += 1
-            stats.bad_samples += max(expected.get(url, n + 1) - n, 1)
-            stats.note(f"shard {url}: {type(e).__name__}: {e} (after {n} samples)")
-        dry = 0 if n else dry + 1
-        if give_up_after is not None and dry >= give_up_after:
-            raise BadDataError(f"{dry} shards in a row gave no sample; last error: "
-                               f"{stats.errors[-1] if stats.errors else 'none'}")
+__all__ = ["BadDataError", "ReadStats", "ShardReader", "check_manifest", "read_all",
+           "resident_plan", "resolve_source"]
 
 
 def _groups(samples: Iterator[dict], n: int) -> Iterator[list[dict]]:
@@ -219,6 +88,8 @@ class _Plan:
     true_epochs: bool = False
     index: list[SampleRef] = field(default_factory=list)   # true epochs: every sample
     videos: list | None = None   # resident: the index's samples decoded (str: why damaged)
+    hashes: dict[str, str] = field(default_factory=dict)   # url -> manifest sha256
+    verified: set[str] = field(default_factory=set)        # urls whose hash matched once
 
 
 def _seed(*parts: int) -> int:
@@ -250,7 +121,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             worker, rng, skip, total = physical, None, 0, None
             urls = p.urls[p.rank::p.world_size][physical::n_workers]
             give_up = None
-        raw = _raw_samples(urls, stats, p.expected, give_up)
+        verified = set(p.verified)
+        raw = raw_samples(urls, stats, p.expected, give_up, p.hashes, verified)
         if rng is not None and p.shuffle_buffer > 1:
             raw = wds.shuffle(p.shuffle_buffer, initial=p.shuffle_buffer, rng=rng)(raw)
         produced = 0
@@ -267,8 +139,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             batch = collate(videos, p.max_words, buffers)
             batch.extras["read"] = {"worker": worker, **asdict(stats)}
             yield batch
-        # Counts after the last batch (a shard that broke at the end) still reach the caller.
-        yield _WorkerDone({"worker": worker, **asdict(stats)})
+        # Counts after the last batch (a shard that broke at the end) still reach the caller,
+        # with the shards whose hash matched: later epochs read them without hashing.
+        yield _WorkerDone({"worker": worker, **asdict(stats)}, verified)
 
 
 def _true_epoch(p: _Plan, physical: int, n_workers: int, buffers: Buffers) -> Iterator:
@@ -278,7 +151,7 @@ def _true_epoch(p: _Plan, physical: int, n_workers: int, buffers: Buffers) -> It
     stats = ReadStats()
     batches = rank_batches(len(p.index), _seed(p.seed, p.epoch), p.rank, p.world_size,
                            p.batch_videos)[:p.steps]
-    files = SampleFiles(_local_path)
+    files = SampleFiles(local_path)
     try:
         for k in range(p.start_step + physical, len(batches), n_workers):
             videos = []
@@ -315,6 +188,7 @@ def _true_epoch(p: _Plan, physical: int, n_workers: int, buffers: Buffers) -> It
 @dataclass
 class _WorkerDone:
     read: dict
+    verified: set[str] = field(default_factory=set)
 
 
 def _decode_counted(members: dict, stats: ReadStats, teacher_frames: bool = True
@@ -395,22 +269,17 @@ class ShardReader:
         self.index_stats = ReadStats()    # samples lost before the first epoch (true epochs)
         if resident and not true_epochs:
             raise ValueError("a resident split needs true_epochs=True")
+        hashes = shard_hashes(self.urls, self.manifest)
         if true_epochs:
-            index = self._index(max_bad_fraction)
-            full = steps_for(len(index), world_size, batch_videos)
-            if steps_per_epoch > full:
-                raise ValueError(
-                    f"data.steps_per_epoch={steps_per_epoch} but a true epoch of {len(index)} "
-                    f"videos over {world_size} ranks in batches of {batch_videos} has {full} "
-                    "steps: set data.steps_per_epoch <= that, or 0 for whole epochs")
-            steps_per_epoch = steps_per_epoch or full
-        elif resampled:
-            if steps_per_epoch <= 0:
-                if self.manifest is None:
-                    raise ValueError("resampled reading needs steps_per_epoch > 0 when the shards "
-                                     "have no manifest (data.steps_per_epoch)")
-                steps_per_epoch = steps_per_epoch_for(self.manifest, batch_videos, world_size)
-        elif len(self.urls) < world_size * workers:
+            index = self._index(max_bad_fraction, hashes)
+        videos = len(index) if true_epochs else \
+            self.manifest.totals["videos"] if self.manifest is not None else None
+        steps_per_epoch = epoch_steps(videos, batch_videos, world_size, true_epochs=true_epochs,
+                                      resampled=resampled, requested=steps_per_epoch)
+        if steps_per_epoch is None:
+            raise ValueError("resampled reading needs steps_per_epoch > 0 when the shards "
+                             "have no manifest (data.steps_per_epoch)")
+        if not true_epochs and not resampled and len(self.urls) < world_size * workers:
             raise ValueError(
                 f"exact-epoch reading of {source!r} needs at least world_size x loader_workers = "
                 f"{world_size} x {workers} = {world_size * workers} shards, found {len(self.urls)}: "
@@ -420,7 +289,8 @@ class ShardReader:
             expected = {u: s.videos for u, s in zip(self.urls, self.manifest.shards)}
         self.plan = _Plan(self.urls, expected, rank, world_size, batch_videos, resampled,
                           steps_per_epoch, seed, shuffle_buffer, max_words, teacher_frames,
-                          true_epochs=true_epochs, index=index)
+                          true_epochs=true_epochs, index=index, hashes=hashes)
+        self.epoch_total = self._epoch_total()
         if resident:
             self.plan.videos = self._decode_all(teacher_frames)
         self.loader_workers = 0 if resident else loader_workers
@@ -428,9 +298,22 @@ class ShardReader:
         self.stats = ReadStats()          # all finished epochs
         self.epoch_stats = ReadStats()    # the current epoch, while one runs
 
-    def _index(self, max_bad_fraction: float) -> list[SampleRef]:
-        """Every sample of the split by offset; a shard that cannot be indexed (or ends early)
-        loses its samples to ``index_stats``, within ``max_bad_fraction``."""
+    def _epoch_total(self) -> float | None:
+        """The samples one epoch of this rank reads (the damage budget's base), or None where
+        only the end of the epoch tells (exact reading without a manifest)."""
+        p = self.plan
+        if p.true_epochs:
+            batches = rank_batches(len(p.index), 0, p.rank, p.world_size, p.batch_videos)
+            return sum(len(b) for b in batches[:p.steps])
+        if p.resampled:
+            return p.steps * p.batch_videos
+        mine = p.urls[p.rank::p.world_size]
+        return sum(p.expected[u] for u in mine) if p.expected else None
+
+    def _index(self, max_bad_fraction: float, hashes: dict[str, str]) -> list[SampleRef]:
+        """Every sample of the split by offset, each shard checked against its manifest sha256
+        as it is read; a shard that cannot be indexed, ends early or fails its hash loses its
+        samples to ``index_stats``, within ``max_bad_fraction`` of the split."""
         expected = {u: s.videos for u, s in zip(self.urls, self.manifest.shards)} \
             if self.manifest is not None else {}
         index: list[SampleRef] = []
@@ -438,18 +321,19 @@ class ShardReader:
         for url in self.urls:
             s.shards += 1
             try:
-                refs = index_shard(url, _local_path(url))
+                refs = index_shard(url, local_path(url), hashes.get(url))
             except DAMAGE as e:  # the shard is lost
                 refs = []
                 s.bad_shards += 1
-                s.note(f"shard {url}: {type(e).__name__}: {e}")
+                s.note(str(e) if isinstance(e, ShardError) and str(e).startswith("shard ") else
+                       f"shard {url}: {type(e).__name__}: {e}")
             lost = expected.get(url, len(refs)) - len(refs)
             if lost > 0 and refs:
                 s.bad_shards += 1
                 s.note(f"shard {url}: {len(refs)} of the manifest's {expected[url]} samples")
             s.bad_samples += max(lost, 0 if refs else 1)
             index += refs
-        if not index or s.bad_samples / (s.bad_samples + len(index)) > max_bad_fraction:
+        if not index or over_budget(s.bad_samples, s.bad_samples + len(index), max_bad_fraction):
             raise BadDataError(f"{s.bad_samples} samples of {self.urls[0]}.. could not be indexed "
                                f"(data.max_bad_fraction={max_bad_fraction}): {s.errors}")
         return index
@@ -457,7 +341,7 @@ class ShardReader:
     def _decode_all(self, teacher_frames: bool) -> list:
         """The resident split: every indexed sample decoded once. A damaged one is kept as its
         error message and counted when its batch comes up, every epoch, as when streaming."""
-        files, videos, lost = SampleFiles(_local_path), [], ReadStats()
+        files, videos, lost = SampleFiles(local_path), [], ReadStats()
         try:
             for ref in self.plan.index:
                 try:
@@ -506,6 +390,7 @@ class ShardReader:
             for item in loader:
                 if isinstance(item, _WorkerDone):
                     per_worker[item.read["worker"]] = item.read
+                    self.plan.verified |= item.verified
                     continue
                 per_worker[item.extras["read"]["worker"]] = item.extras["read"]
                 self._update(per_worker, final=False)
@@ -516,15 +401,25 @@ class ShardReader:
             self.epoch_stats = ReadStats()
 
     def _update(self, per_worker: dict[int, dict], final: bool) -> None:
+        """The damage budget (``sharding.integrity``): stop once the bad count exceeds the
+        budget of this rank's whole epoch; samples lost to indexing count by this rank's share."""
         s = ReadStats()
         for read in per_worker.values():
             s.add(ReadStats(**{k: v for k, v in read.items() if k != "worker"}))
         self.epoch_stats = s
-        seen = s.samples + s.bad_samples
-        if (final or seen >= self.plan.batch_videos) and s.bad_fraction > self.max_bad_fraction:
+        lost = self.index_stats.bad_samples if self.plan.true_epochs else 0
+        share = lost / self.plan.world_size
+        bad = s.bad_samples - lost + share
+        total = self.epoch_total
+        if total is None:   # known only at the end: what was read is the whole epoch
+            if not final:
+                return
+            total = s.samples + s.bad_samples - lost
+        if over_budget(bad, total + share, self.max_bad_fraction):
             raise BadDataError(
-                f"{s.bad_samples} of {seen} samples ({s.bad_fraction:.1%}) were damaged, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction}; recent errors: {s.errors}")
+                f"{bad:g} of this rank's {total + share:g} samples per epoch were damaged, more "
+                f"than data.max_bad_fraction={self.max_bad_fraction} allows "
+                f"({self.max_bad_fraction * (total + share):g}); recent errors: {s.errors}")
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
@@ -537,12 +432,13 @@ def read_all(source, max_bad_fraction: float = 0.0, teacher_frames: bool = True
     expected = {u: s.videos for u, s in zip(urls, manifest.shards)} if manifest else {}
     stats = ReadStats()
     out = []
-    for members in _raw_samples(urls, stats, expected, None):
+    for members in raw_samples(urls, stats, expected, None, shard_hashes(urls, manifest)):
         video = _decode_counted(members, stats, teacher_frames)
         if video is not None:
             out.append(video)
     stats.samples = len(out)
-    if stats.bad_fraction > max_bad_fraction:
+    total = manifest.totals["videos"] if manifest else stats.samples + stats.bad_samples
+    if over_budget(stats.bad_samples, max(total, 1), max_bad_fraction):
         raise BadDataError(f"{stats.bad_samples} of {stats.samples + stats.bad_samples} samples in "
                            f"{source!r} were damaged; recent errors: {stats.errors}")
     return out

@@ -8,6 +8,11 @@ scale. docs/synthetic-world.md explains the design. Every video is a pure functi
 Concepts: colours and shapes are visible in the rendered frames and, weakly, in the student
 features; actions are only in the student features (a still frame cannot show motion); patterns
 are only in the rendered frames (the teacher sees them, the student cannot): the domain gap.
+
+One concern over 400 lines: the vocabulary, the layout of a video, its student features, its
+captions and its rendered frames are one generative model over shared concept vectors, each part
+drawing from its own seeded stream of the video (``_rng(seed, split, index, part)``); the writers
+at the end only hand its samples to sharding.writer.
 """
 from __future__ import annotations
 
@@ -394,7 +399,7 @@ def build_world(out, videos: int = 600, eval_videos: int | None = None, seed: in
 # -- a training-free oracle (how hard the world is) -----------------------------------------------
 def oracle_scores(world: World, samples: list[VideoSample]) -> tuple[np.ndarray, np.ndarray]:
     """(Nq, Nv) scores max_l cos(concept signal, frame l) of every caption against every video,
-    and (Nq,) each caption's own video, to rank with ``trainer.metrics``.
+    and (Nq,) each caption's own video, to rank with ``trainer.method.metrics``.
 
     The oracle knows the world's concept vectors (no training, no teacher), so its ranks measure
     how separable the student features are.

@@ -1,0 +1,1 @@
+"""The method and one worker's training loop, without Ray (docs/design.md)."""

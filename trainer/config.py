@@ -1,16 +1,17 @@
 """Typed run configuration: one place that builds, overrides and validates it.
 
 A config is a tree of pydantic models; each key's type (``Literal`` for choices), default, bounds
-and description live in its ``Field``. YAML files and dotted ``key.sub=value`` overrides are read
-by the same YAML rules (:class:`Loader`), and every error is a :class:`ConfigError` naming the key,
-the value and what is allowed. Every other module takes a ``Config`` (or one of its sections),
-never a dict.
+and description live in its ``Field``. YAML files (with their ``base:`` chains) and dotted
+``key.sub=value`` overrides are read by the same YAML rules (:mod:`trainer.config_files`), and
+every error is a :class:`ConfigError` naming the key, the value and what is allowed. Every other
+module takes a ``Config`` (or one of its sections), never a dict. (Over 400 lines: every key of
+every section, with its bounds and description, is declared here, in one place by design.)
 """
 from __future__ import annotations
 
 import difflib
 import os
-import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -22,27 +23,14 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from sharding.files import write_atomic
+# ConfigError, load_yaml and parse_overrides are also imported from here by the rest of dldkd.
+from trainer.config_files import ConfigError, load_yaml, parse_overrides
 from trainer.infra.storage import is_remote
 
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key, the value and what is allowed."""
-
-
-class Loader(yaml.SafeLoader):
-    """``yaml.safe_load`` with YAML 1.2 booleans and exponents: ``kd: off`` is the string 'off'
-    (only true/false are booleans) and ``lr: 1e-4`` is a number, in files and overrides alike."""
-
-    yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-
-
-Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
-                             re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                             re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                             list("-+0123456789"))
+# Upper bounds: far above any real run, low enough that a typo fails here, not after setup.
+MAX_DIM, MAX_BATCH, MAX_EPOCHS = 65_536, 65_536, 100_000
+MAX_STEPS, MAX_MB, MAX_SECONDS = 1_000_000_000, 16 * 2**20, 7 * 86_400
 
 
 class _Model(BaseModel):
@@ -71,12 +59,16 @@ class _Model(BaseModel):
 class ModelConfig(_Model):
     """The dual-branch student (method.md §3)."""
 
-    video_dim: int = Field(3072, ge=1, description="Size of the shards' student video features.")
-    query_dim: int = Field(768, ge=1, description="Size of the shards' caption token features.")
-    hidden: int = Field(384, ge=1, description="Width of the student; a multiple of heads.")
-    heads: int = Field(4, ge=1, description="Attention heads.")
-    max_frames: int = Field(128, ge=1, description="Longest video (feature steps) taken.")
-    max_words: int = Field(30, ge=1, description="Longest caption (tokens) taken.")
+    video_dim: int = Field(3072, ge=1, le=MAX_DIM,
+        description="Size of the shards' student video features.")
+    query_dim: int = Field(768, ge=1, le=MAX_DIM,
+        description="Size of the shards' caption token features.")
+    hidden: int = Field(384, ge=1, le=MAX_DIM,
+        description="Width of the student; a multiple of heads.")
+    heads: int = Field(4, ge=1, le=1024, description="Attention heads.")
+    max_frames: int = Field(128, ge=1, le=MAX_DIM,
+        description="Longest video (feature steps) taken.")
+    max_words: int = Field(30, ge=1, le=4096, description="Longest caption (tokens) taken.")
     input_drop: float = Field(0.2, ge=0, le=1, description="Dropout of the input layers.")
     drop: float = Field(0.2, ge=0, le=1, description="Dropout inside the encoders.")
     branches: Literal["dual", "inheritance", "exploration"] = Field(
@@ -89,9 +81,9 @@ class LossConfig(_Model):
     """Loss terms and their coefficients (method.md §5); schedule shapes in method.md §6."""
 
     margin: float = Field(0.1, ge=0, description="Triplet ranking margin.")
-    hard_pool: int = Field(20, ge=1, description=(
+    hard_pool: int = Field(20, ge=1, le=MAX_BATCH, description=(
         "A query's negative is drawn from its hard_pool best other videos (1: the hardest)."))
-    hard_negative_start_epoch: int = Field(0, ge=0, description=(
+    hard_negative_start_epoch: int = Field(0, ge=0, le=MAX_EPOCHS, description=(
         "Real epoch from which negatives are hard; before it, any other video."))
     nce_weight: float = Field(0.04, ge=0, description="Weight of each branch's (soft) InfoNCE.")
     kd_temp: float = Field(0.2, gt=0, description="Temperature of the KD term.")
@@ -128,7 +120,8 @@ class OptimConfig(_Model):
     name: Literal["bert_adam", "adamw"] = Field("bert_adam", description=(
         "'bert_adam' (the reference's), or 'adamw' (torch AdamW)."))
     lr: float = Field(3e-4, gt=0, le=1, description="Peak learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas: two numbers in [0, 1).")
+    betas: tuple[float, float] = Field((0.9, 0.999),
+        description="Adam betas: two numbers in [0, 1).")
     eps: float = Field(1e-6, gt=0, le=1, description="Adam epsilon.")
     weight_decay: float = Field(0.01, ge=0, le=1, description="Weight decay.")
     warmup: float = Field(0.01, ge=0, le=1, description=(
@@ -141,7 +134,7 @@ class OptimConfig(_Model):
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                 for b in value)):
-            raise ConfigError(f"optim.betas={value!r} must be two numbers in [0, 1)")
+            raise ConfigError(f"optim.betas={short(value)} must be two numbers in [0, 1)")
         return value
 
 
@@ -152,8 +145,9 @@ class DataConfig(_Model):
         "Training shards: a folder or URI holding manifest.json, the manifest, or shard URLs."))
     val: str = Field("", description="Validation shards (evaluation, early stopping); empty: none.")
     test: str = Field("", description="Test shards, scored with the best weights at the end.")
-    batch_videos: int = Field(128, ge=1, description="Videos per micro-batch per worker.")
-    steps_per_epoch: int = Field(0, ge=0, description=(
+    batch_videos: int = Field(128, ge=1, le=MAX_BATCH,
+        description="Videos per micro-batch per worker.")
+    steps_per_epoch: int = Field(0, ge=0, le=MAX_STEPS, description=(
         "Steps per virtual epoch; 0 = derived from the train manifest (videos / global batch)."))
     loader_workers: int = Field(2, ge=0, le=64, description="DataLoader processes per worker.")
     resampled: bool = Field(True, description=(
@@ -161,15 +155,25 @@ class DataConfig(_Model):
     true_epochs: bool = Field(True, description=(
         "Every training video once per epoch in a fresh order, the same steps on every rank "
         "(sharding/epochs.py); steps_per_epoch > 0 cuts epochs short; false: resampled decides."))
-    shuffle_buffer: int = Field(256, ge=0, description="Samples in the streaming shuffle buffer.")
+    shuffle_buffer: int = Field(256, ge=0, le=1_000_000,
+        description="Samples in the streaming shuffle buffer.")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description=(
         "Fraction of damaged samples skipped before reading fails."))
-    eval_batch_videos: int = Field(256, ge=1, description=(
+    eval_batch_videos: int = Field(256, ge=1, le=MAX_BATCH, description=(
         "Videos encoded and scored per chunk in evaluation (memory: chunk x frames x features)."))
     resident: Literal["auto", "on", "off"] = Field("auto", description=(
         "Hold the decoded training split in memory and batch by indexing (true epochs only): "
         "'auto' when it fits in resident_max_mb per worker, 'on', or 'off' (stream every epoch)."))
-    resident_max_mb: float = Field(4096.0, ge=0, description="Memory 'auto' residency may use.")
+    @field_validator("batch_videos")
+    @classmethod
+    def _negatives(cls, value: int) -> int:
+        if value < 2:
+            raise ConfigError(f"data.batch_videos={value}: the ranking losses need at least 2 "
+                              "videos per batch (in-batch negatives); set data.batch_videos >= 2")
+        return value
+
+    resident_max_mb: float = Field(4096.0, ge=0, le=MAX_MB,
+        description="Memory 'auto' residency may use.")
 
 
 class TeacherConfig(_Model):
@@ -186,25 +190,29 @@ class TeacherConfig(_Model):
     logit_scale_targets: bool = Field(False, description=(
         "Use CLIP's logit scale on normalised embeddings for T instead of the raw dot product."))
     cache: bool = Field(True, description="Cache the frame embeddings across epochs.")
-    cache_mem_mb: int = Field(512, ge=0, description="Memory of the frame-embedding cache.")
+    cache_mem_mb: int = Field(512, ge=0, le=MAX_MB,
+        description="Memory of the frame-embedding cache.")
     cache_dir: str = Field("", description="Where the cache spills; empty: evicted ones dropped.")
-    image_batch: int = Field(256, ge=1, description="Frames per chunk through the image tower.")
+    image_batch: int = Field(256, ge=1, le=MAX_BATCH,
+        description="Frames per chunk through the image tower.")
 
 
 class TrainConfig(_Model):
     """The loop: length, evaluation, early stopping, checkpoints, logging."""
 
-    epochs: int = Field(120, ge=1, description="Run length in (virtual) epochs.")
-    early_stop: int = Field(10, ge=0, description=(
+    epochs: int = Field(120, ge=1, le=MAX_EPOCHS, description="Run length in (virtual) epochs.")
+    early_stop: int = Field(10, ge=0, le=MAX_EPOCHS, description=(
         "Stop after this many evaluations without a better SumR; 0 = never."))
-    eval_every: int = Field(0, ge=0, description=(
+    eval_every: int = Field(0, ge=0, le=MAX_STEPS, description=(
         "Evaluate every N steps; 0 = at the end of every virtual epoch."))
-    ckpt_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = at evaluations.")
-    log_every: int = Field(50, ge=1, description="Log metrics every N steps.")
+    ckpt_every: int = Field(0, ge=0, le=MAX_STEPS,
+        description="Checkpoint every N steps; 0 = at evaluations.")
+    log_every: int = Field(50, ge=1, le=MAX_STEPS, description="Log metrics every N steps.")
     seed: int = Field(9527, description="Seed of every RNG stream (plus the rank).")
-    max_eval_queries: int = Field(0, ge=0, description="Cap on validation queries; 0 = all.")
+    max_eval_queries: int = Field(0, ge=0, le=MAX_STEPS,
+        description="Cap on validation queries; 0 = all.")
     deterministic: bool = Field(False, description="torch deterministic algorithms (slower).")
-    stop_grace_s: float = Field(300.0, gt=0, description=(
+    stop_grace_s: float = Field(300.0, gt=0, le=MAX_SECONDS, description=(
         "On SIGTERM/SIGINT: seconds allowed to reach the next log step and save a checkpoint."))
     debug: bool = Field(False, description=(
         "Re-check tensor values inside the step (labels, NaN, empty masks); each check is a "
@@ -218,6 +226,9 @@ class DistConfig(_Model):
     min_workers: int = Field(0, ge=0, le=4096, description=(
         "Elastic: Ray Train runs min_workers..num_workers workers as resources allow, resuming "
         "from the latest checkpoint on each resize; 0 = always num_workers."))
+    resize_check_s: float = Field(60.0, gt=0, le=86400, description=(
+        "Elastic: how often Ray Train checks a running group for room for more workers, and "
+        "grows it (a restart from the latest checkpoint) when there is."))
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL collectives.")
     cpus_per_worker: int = Field(1, ge=0, le=1024, description="CPUs Ray reserves per worker.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
@@ -225,9 +236,9 @@ class DistConfig(_Model):
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = Field(
         "PACK", description="Ray placement strategy of the workers.")
-    max_failures: int = Field(0, ge=-1, description=(
+    max_failures: int = Field(0, ge=-1, le=1_000_000, description=(
         "Worker failures Ray Train restarts from the latest checkpoint; -1 = unlimited."))
-    timeout_s: int = Field(1800, ge=1, description="Collective timeout in seconds.")
+    timeout_s: int = Field(1800, ge=1, le=MAX_SECONDS, description="Collective timeout in seconds.")
 
 
 class TrackingConfig(_Model):
@@ -238,6 +249,12 @@ class TrackingConfig(_Model):
     experiment: str = Field("dldkd", description="MLflow experiment name.")
     system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
     parent_run_id: str = Field("", description="MLflow parent run (set by a sweep per trial).")
+    registered_model: str = Field("", description=(
+        "Register the run's best student (its MLflow model) as a new version of this registered "
+        "model; empty = log the model, register nothing. In a sweep: only the best trial's."))
+    model_alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,254}$",
+                             description=("Alias the registered version gets once its test report "
+                                          "exists (data.test); letters, digits, '_', '-'."))
 
 
 class RunConfig(_Model):
@@ -327,7 +344,8 @@ RESUMABLE = ("train.epochs", "train.early_stop", "train.eval_every", "train.ckpt
              "data.resident_max_mb",
              "data.max_bad_fraction", "teacher.cache", "teacher.cache_mem_mb", "teacher.cache_dir",
              "teacher.image_batch", "dist.max_failures", "dist.timeout_s", "dist.cpus_per_worker",
-             "dist.placement_strategy", "dist.num_workers", "dist.min_workers", "tracking.",
+             "dist.placement_strategy", "dist.num_workers", "dist.min_workers", "dist.resize_check_s",
+             "tracking.",
              "run.")
 
 
@@ -370,13 +388,26 @@ def _config_error(err: ValidationError, prefix: tuple[str, ...] = ()) -> ConfigE
             problems.append(f"unknown config {'key' if '.' in key else 'section'} {key!r}{hint}")
         elif e["type"] == "literal_error":
             choices = list(get_args(fields_by_key()[key].annotation))
-            problems.append(f"{key}={e['input']!r} is not allowed; choose one of {choices}")
+            problems.append(f"{key}={short(e['input'])} is not allowed; choose one of {choices}")
         elif e["type"] in _RANGE_ERRORS:
-            problems.append(f"{key}={e['input']!r} is out of range; allowed "
+            problems.append(f"{key}={short(e['input'])} is out of range; allowed "
                             f"{_interval(fields_by_key()[key])}")
         else:
-            problems.append(f"{key}={e['input']!r} {_MUST.get(e['type'], e['msg'])}")
+            problems.append(f"{key}={short(e['input'])} {_MUST.get(e['type'], e['msg'])}")
     return ConfigError("; ".join(problems))
+
+
+def short(value: Any) -> str:
+    """A value as an error message quotes it: its repr cut to a short prefix, at bounded cost
+    (reprlib stops at a few items and levels), so no message prints an unbounded value."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
 
 
 def _interval(info: FieldInfo) -> str:
@@ -403,17 +434,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value, read as YAML like a file's value (:class:`Loader`); an empty value
-    is the empty string, and text that is not YAML stays itself."""
-    if not text.strip():
-        return text
-    try:
-        return yaml.load(text, Loader=Loader)
-    except yaml.YAMLError:
-        return text
-
-
 def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys in a nested dict; unknown keys are refused when the tree is validated."""
     for key, value in overrides.items():
@@ -437,28 +457,12 @@ def from_dict(tree: dict[str, Any]) -> Config:
     return Config(**tree)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        tree = yaml.load(path.read_text(), Loader=Loader) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file "
-                          "(indentation, a missing ':' or an unclosed bracket or quote)") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return tree
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
                 ) -> Config:
-    """YAML file (optional) + ``key.sub=value`` overrides + this process's environment
-    (:func:`resolve_environment`) -> validated Config. The only reader of the environment: call
-    it where a config enters (CLI, launcher); workers and trials get :func:`from_dict`."""
+    """YAML file (optional; its ``base:`` chain merged, :func:`load_yaml`) + ``key.sub=value``
+    overrides + this process's environment (:func:`resolve_environment`) -> validated Config.
+    The only reader of the environment: call it where a config enters (CLI, launcher); workers
+    and trials get :func:`from_dict`."""
     tree = load_yaml(path) if path else {}
     tree.pop("sweep", None)  # a sweep file's search space is read by launch.sweep
     return from_dict(resolve_environment(apply_overrides(tree, parse_overrides(overrides or []))))
@@ -478,18 +482,6 @@ def resolve_environment(tree: dict[str, Any], environ: dict[str, str] | None = N
         if not (tree.get(section) or {}).get(name) and environ.get(var):
             apply_overrides(tree, {key: environ[var]})
     return tree
-
-
-def parse_overrides(overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    out = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key, text = item.split("=", 1)
-        out[key.strip()] = parse_value(text)
-    return out
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:

@@ -3,6 +3,11 @@
 The same recipe runs under Ray Train (``launch.train``), under ``torchrun``/``deepspeed``
 (``dldkd train --no-ray``) and alone. Where it differs (where checkpoints go, how they are
 reported) is the ``Reporter`` it is given; the recipe itself never imports Ray.
+
+It is over 400 lines because it is one concern, the loop's order: setup and restore, the step,
+evaluation, saving and cleanup call each other and share the loop's state; what stands alone
+(losses, schedules, checkpoints' files, tracking, stopping on signals, plots) lives in its own
+module.
 """
 from __future__ import annotations
 
@@ -10,18 +15,15 @@ import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from sharding.files import atomic_path
 from sharding.splits import val_is_test
 from trainer import checkpoint as ckpt
-from trainer.infra import best, storage
+from trainer.infra import best, mlflow_model, storage
 from trainer import dist
 from trainer.config import RESUMABLE, Config, ConfigError, resume_changes, save_yaml
 from trainer.engine import build_engine
@@ -30,7 +32,7 @@ from trainer.method.metrics import EvalGallery, build_gallery, encode_gallery, r
 from trainer.method.optim import seek
 from trainer.method.schedules import LossWeights, loss_weights, schedule_epoch
 from trainer.method.student import DualStudent
-from trainer.infra.progress import PhaseTimer, fmt_eta
+from trainer.infra.progress import PhaseTimer, fmt_eta, plot_history
 from trainer.infra.reporting import LocalReporter, Reporter
 from trainer.infra.signals import Stopped, StopOnSignals
 from trainer.infra.tracking import Tracker, resolve_uri
@@ -71,8 +73,9 @@ class Recipe:
         self.dir = storage.local_run_dir(cfg.run.storage, cfg.run.name)
         self.best_uri = storage.join(storage.run_location(cfg.run.storage, cfg.run.name), "best")
         if self.reporter is None:
-            self.reporter = LocalReporter(self.dir / "checkpoints", self.dist.is_main,
-                                          cfg.run.resume)
+            self.reporter = LocalReporter(
+                storage.join(storage.run_location(cfg.run.storage, cfg.run.name), "checkpoints"),
+                self.dist.is_main, cfg.run.resume, self.dir / "checkpoints", self.dist.local_rank)
 
         from sharding.reader import ShardReader, resident_plan, resolve_source
 
@@ -207,7 +210,8 @@ class Recipe:
         # The first step whose loss was not finite, kept on the device and read only where the
         # loop reads values anyway (log, eval, checkpoint), so no step waits for the device.
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        with StopOnSignals(cfg.train.stop_grace_s) as stop:
+        with StopOnSignals(cfg.train.stop_grace_s, getattr(self.reporter, "stop_requested", None),
+                           self.tracker.mark_killed) as stop:
             self._loop(timer, bar, eval_every, ckpt_every, stop)
         bar.close()
         return st
@@ -231,9 +235,10 @@ class Recipe:
                 save = at % ckpt_every == 0 or at == self.total_steps
                 if st.step % cfg.train.log_every == 0 or st.step == 1 or evaluate or save:
                     self._raise_if_diverged()
-                    if stop.agreed():   # a signal on any rank: save, then stop every rank
+                    if stop.agreed():   # a signal on any rank: log, save, stop every rank
+                        self._log_step(terms, weights, timer)
                         self.save({"step": st.step})
-                        raise Stopped(stop.signum or signal.SIGTERM, st.step, cfg.run.name)
+                        raise Stopped(stop.signum, st.step, cfg.run.name)
                 if st.step % cfg.train.log_every == 0 or st.step == 1:
                     self._log_step(terms, weights, timer)
                 metrics = None
@@ -352,12 +357,14 @@ class Recipe:
         report goes next to them."""
         if not (self.cfg.data.test and self.dist.is_main and self.state.best_step >= 0):
             return {}
-        from trainer.evaluate import evaluate_checkpoint
+        from trainer.evaluate import explain_checkpoint
 
         folder = best.local_copy(self.best_uri, self.dir / "best", self.state.best_step)
-        report = evaluate_checkpoint(folder, self.cfg.data.test)
+        report, page = explain_checkpoint(folder, self.cfg.data.test, name=self.best_uri)
         report["checkpoint"] = self.best_uri
         best.put(self.best_uri, folder, "test_report.json", json.dumps(report, indent=1).encode())
+        best.put(self.best_uri, folder, "explorer.html", page.encode())   # docs/evaluation.md
+        self.tracker.log_artifact(folder / "explorer.html", "best")
         self.tracker.log_metrics({f"test/{k}": v for k, v in report["metrics"].items()},
                                  self.state.step)
         self.tracker.log_artifact(folder / "test_report.json", "best")
@@ -374,7 +381,8 @@ class Recipe:
                        "perf/wall_s": time.perf_counter() - self.started}
             self.tracker.log_metrics(summary, st.step)
             self._publish_best()
-            self.tracker.finish(status)
+            if self.tracker.finish(status) and status == "FINISHED" and st.best_step >= 0:
+                mlflow_model.publish(self.tracker, self.dir / "best", self.cfg.tracking, st.step)
 
     def _publish_best(self) -> None:
         """The SumR plot next to the best weights; both to MLflow; the tag names where they are."""
@@ -383,7 +391,7 @@ class Recipe:
             if self.state.best_step >= 0:
                 best.local_copy(self.best_uri, folder, self.state.best_step)
             if self.state.history:
-                _plot_history(self.state.history, folder / "val_sumr.png", self.cfg.run.name)
+                plot_history(self.state.history, folder / "val_sumr.png", self.cfg.run.name)
                 best.put(self.best_uri, folder, "val_sumr.png",
                          (folder / "val_sumr.png").read_bytes())
         except OSError as err:  # cleanup also runs after failures: report, do not mask them
@@ -443,24 +451,6 @@ def _gathered(engine, stage: int):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
-
-
-def _plot_history(history: list[dict], path: Path, title: str) -> None:
-    """Validation SumR over steps: the evaluation report's plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([h["step"] for h in history], [h["SumR"] for h in history], marker="o")
-    ax.set(xlabel="step", ylabel="validation SumR", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def _to_device(batch, device: torch.device, dtype: torch.dtype):

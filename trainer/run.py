@@ -2,8 +2,9 @@
 
 Without Ray it is ``dldkd train --no-ray`` (alone, or as N ranks with ``torchrun
 --nproc-per-node N -m launch.cli train --no-ray ...`` or the ``deepspeed`` launcher);
-checkpoints go to ``<run.storage>/<run.name>/checkpoints`` (a shared file system when ranks are
-on several nodes) and ``run.resume: auto`` continues from the latest.
+checkpoints go to ``<run.storage>/<run.name>/checkpoints``, a folder (shared when ranks are on
+several nodes) or an object store, and ``run.resume: auto`` continues from the newest complete
+one there (``trainer.infra.reporting``).
 """
 from __future__ import annotations
 

@@ -77,6 +77,7 @@ def run_demo(out: str | Path = "outputs/demo", small: bool = False) -> int:
     t = _stage(3, "sweep: 2 trials x 2 DeepSpeed workers on a local Ray cluster, MLflow on SQLite")
     import ray
 
+    from launch.jobs import ray_setup
     from launch.jobs.sweep import run_sweep
     from launch.jobs.sweep_spec import load_sweep
     from trainer.infra.logs import setup_logging
@@ -84,8 +85,9 @@ def run_demo(out: str | Path = "outputs/demo", small: bool = False) -> int:
     setup_logging()
     cfg, spec = load_sweep(SWEEP_CONFIG, data + [f"run.storage={out / 'runs'}"] + size["sweep"])
     # Logical CPUs: both trials (2 workers + a driver each) run side by side on any laptop.
+    ray_setup.set_env_defaults()
     ray.init(num_cpus=max(6, os.cpu_count() or 1), include_dashboard=False,
-             configure_logging=False)
+             configure_logging=False, runtime_env=ray_setup.runtime_env())
     try:
         result = run_sweep(cfg, spec)
     finally:

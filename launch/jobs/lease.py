@@ -14,7 +14,10 @@ taken over. Taking, renewing and taking over are each one atomic compare-and-set
   puts, each read back: two launches in the same instant can then both pass.
 
 Staleness is judged with the holder's clock against the reader's: clocks must agree to well
-within ``ttl_s``.
+within ``ttl_s``. A lease that cannot be a live holder's is stale whatever it says: one renewed
+more than ``MAX_CLOCK_SKEW_S`` in the future, or with a ``ttl_s`` that is not a number in
+(0, ``MAX_TTL_S``]. It is taken over with a warning, so a damaged or forged lease file never
+blocks a run for longer than ``MAX_TTL_S``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from sharding.files import write_atomic
 from trainer.infra import storage
 
 TTL_S = 120.0
+MAX_TTL_S = 3600.0         # the longest lease honoured; dldkd writes TTL_S
+MAX_CLOCK_SKEW_S = 30.0    # a renewal further in the future is no live holder's
 log = logging.getLogger("dldkd")
 
 
@@ -170,12 +175,12 @@ class Lease:
                 other = json.loads(data)
             except ValueError:
                 other = {}
-            age = time.time() - float(other.get("renewed", 0.0))
-            if age <= float(other.get("ttl_s", self.ttl_s)):
+            age, why = _staleness(other, self.ttl_s)
+            if why is None:
                 raise LeaseHeld(_held_message(self.run, self.location, other, age))
             if self.store.replace(self._body(), version):
-                log.warning("took over the lease of run %s from %s (pid %s), not renewed for "
-                            "%.0f s", self.run, other.get("host", "?"), other.get("pid", "?"), age)
+                log.warning("took over the lease of run %s from %s (pid %s): %s", self.run,
+                            other.get("host", "?"), other.get("pid", "?"), why)
                 return
         raise LeaseHeld(f"run {self.run!r}: the lease {self.location} changed hands while this "
                         "launch tried to take it; another launch of the same run is starting")
@@ -214,6 +219,22 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         self.release()
+
+
+def _staleness(other: dict, default_ttl: float) -> tuple[float, str | None]:
+    """(age in seconds, why the lease is stale, or None while a live holder may hold it)."""
+    try:
+        age = time.time() - float(other.get("renewed", 0.0))
+        ttl = float(other.get("ttl_s", default_ttl))
+    except (TypeError, ValueError):
+        return 0.0, f"its renewal time or ttl_s is not a number ({other!r:.200})"
+    if not 0 < ttl <= MAX_TTL_S:   # also NaN
+        return age, f"its ttl_s={ttl:g} is outside (0, {MAX_TTL_S:g}] s"
+    if not age >= -MAX_CLOCK_SKEW_S:   # also NaN
+        return age, f"it claims a renewal {-age:.0f} s in the future"
+    if age > ttl:
+        return age, f"not renewed for {age:.0f} s (ttl {ttl:g} s)"
+    return age, None
 
 
 def _held_message(run: str, location: str, other: dict, age: float) -> str:

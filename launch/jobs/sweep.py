@@ -2,7 +2,7 @@
 
 ``python -m launch.sweep --config configs/sweep-demo.yaml [key.sub=value ...] [sweep.k=v ...]``
 
-The YAML holds a run config plus a ``sweep:`` section (launch/sweep_spec.py, docs/sweeps.md).
+The YAML holds a run config plus a ``sweep:`` section (launch/jobs/sweep_spec.py, docs/sweeps.md).
 Each trial is a Tune function trainable that builds and fits the ``TorchTrainer`` of one run
 (Ray's pattern for Train V2), named ``<sweep>-<trial id>``, with ``TuneReportCallback`` passing
 every evaluation report to Tune. Re-running the same command resumes an interrupted sweep
@@ -19,20 +19,24 @@ import json
 import logging
 import math
 import os
+import shlex
+import signal
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from launch.jobs.stop import DriverStop, poll
 from launch.report.render import params_text, plot_curves, trials_table
 from launch.report.stats import trial_curves, trial_rows
 from launch.jobs.sweep_spec import (CLAIMS_PARAM, VARIANT_KEY, VARIANT_PARAM, SweepSpec, load_sweep,
-                               tune_space)
+                               search_algorithm, tune_space)
 from sharding.files import write_atomic
 from trainer.config import Config, ConfigError, apply_overrides, from_dict
 from trainer.infra.storage import endpoint_env, is_remote, local_run_dir
-from trainer.infra.tracking import Tracker, resolve_uri
-from trainer.infra.tags import BEST_TRIAL_TAG, KIND_TAG, SWEEP_KIND, SWEEP_TAG, VARIANT_TAG
+from trainer.infra.tracking import Tracker, mark_killed, resolve_uri
+from trainer.infra.tags import (BEST_TRIAL_TAG, KIND_TAG, REGISTERED_MODEL_TAG, RUN_KEY_TAG,
+                                SWEEP_KIND, SWEEP_TAG, VARIANT_TAG)
 
 log = logging.getLogger("dldkd.sweep")
 
@@ -120,14 +124,17 @@ def trial_config(base: dict, values: dict[str, Any], *, sweep: str, trial_id: st
         apply_overrides(tree, dict(variants[variant]))
     apply_overrides(tree, values)
     apply_overrides(tree, {"run.name": trial_run_name(sweep, trial_id), "run.storage": storage,
-                           "tracking.uri": uri, "tracking.parent_run_id": parent_run_id})
+                           "tracking.uri": uri, "tracking.parent_run_id": parent_run_id,
+                           "tracking.registered_model": ""})
     return from_dict(tree)
 
 
 def _trial(values: dict, *, base: dict, sweep: str, storage: str, uri: str,
            parent_run_id: str, variants: dict[str, dict], teacher_eval_dir: str | None,
-           cwd: str, env: dict[str, str]) -> None:
-    """Tune function trainable: fit one Ray Train run; its reports reach Tune via the callback."""
+           cwd: str, env: dict[str, str], stop=None) -> None:
+    """Tune function trainable: fit one Ray Train run; its reports reach Tune via the callback.
+    Stopped by a signal to the sweep's driver (``stop``), it saved a checkpoint and raises, so
+    that Tune counts it unfinished and the relaunched sweep resumes it."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -140,7 +147,11 @@ def _trial(values: dict, *, base: dict, sweep: str, storage: str, uri: str,
     cfg = trial_config(base, values, sweep=sweep, trial_id=tune.get_context().get_trial_id(),
                        storage=storage, uri=uri, parent_run_id=parent_run_id, variants=variants)
     label_trial_run(cfg, values.get(VARIANT_KEY), teacher_eval_dir)
-    build_trainer(cfg, name=cfg.run.name, callbacks=[TuneReportCallback()], env=env).fit()
+    build_trainer(cfg, name=cfg.run.name, callbacks=[TuneReportCallback()], env=env,
+                  stop=stop).fit()
+    if stop is not None and poll(stop):
+        raise RuntimeError(f"trial {cfg.run.name} stopped by a signal to the sweep's driver "
+                           "with a checkpoint saved; relaunch the sweep to resume it")
 
 
 def label_trial_run(cfg: Config, variant: str | None, teacher_eval_dir: str | None) -> None:
@@ -245,12 +256,12 @@ def _close_stale_children(uri: str, parent_run_id: str) -> None:
         client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
-    """Run (or resume) the sweep on the connected Ray cluster; log and print its results."""
+def run_sweep(cfg: Config, spec: SweepSpec, stop=None) -> SweepResult:
+    """Run (or resume) the sweep on the connected Ray cluster; log and print its results.
+    ``stop``: the driver's ``DriverStop``; after its signal the parent run ends KILLED."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from launch.jobs.train import storage_path
 
@@ -277,7 +288,7 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
                              variants=spec.variants,
                              teacher_eval_dir=str(report_dir(cfg, spec) / "teacher-eval")
                              if spec.teacher_eval else None, cwd=os.getcwd(),
-                             env=endpoint_env()),
+                             env=endpoint_env(), stop=stop.flag if stop else None),
         {"CPU": spec.trial_cpus})
     if spec.scheduler.type == "asha":
         # stop_last_trials=False: a trial that reaches max_t finishes by itself (test split,
@@ -295,8 +306,7 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                 scheduler=scheduler,
-                # Tune ignores max_concurrent_trials next to a generator: limit it here.
-                search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=limit),
+                search_alg=search_algorithm(spec, limit),
                 trial_name_creator=functools.partial(_trial_name, spec.name),
                 trial_dirname_creator=functools.partial(_trial_name, spec.name)),
             run_config=tune.RunConfig(name=spec.name, storage_path=storage_path(cfg)))
@@ -338,10 +348,13 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
         best_label, best = rows[0]
         tracker.log_metrics({f"best/{spec.metric}": best[spec.metric]}, int(best.get("step", 0)))
         tracker.set_tags({BEST_TRIAL_TAG: best_label})
+        if cfg.tracking.registered_model:
+            register_best_trial(cfg, uri, best_label, tracker)
     tracker.log_artifact(table, "sweep")
     tracker.log_artifact(plot, "sweep")
-    failed = not rows
-    tracker.finish("FAILED" if failed else "FINISHED")
+    stopped = stop is not None and stop.signum is not None
+    failed = not rows and not stopped
+    tracker.finish("KILLED" if stopped else "FAILED" if failed else "FINISHED")
     if parent_id:
         try:
             _close_stale_children(uri, parent_id)
@@ -353,6 +366,22 @@ def run_sweep(cfg: Config, spec: SweepSpec) -> SweepResult:
     return SweepResult(spec.name, rows, errors, resumed, parent_id, uri, plot, table)
 
 
+def register_best_trial(cfg: Config, uri: str, label: str, tracker: Tracker) -> None:
+    """``tracking.registered_model`` on a sweep: register the best trial's model (trials
+    register none) and tag the parent run; a failure is reported, the sweep's results stand."""
+    from trainer.infra.mlflow_model import register_run
+
+    try:
+        where = register_run(uri, cfg.tracking.experiment, label, cfg.tracking.registered_model,
+                             cfg.tracking.model_alias)
+    except Exception as exc:  # noqa: BLE001 - the sweep's results are kept regardless
+        log.error("could not register the model of the best trial %s: %s: %s", label,
+                  type(exc).__name__, str(exc)[:500])
+        return
+    tracker.set_tags({REGISTERED_MODEL_TAG: where})
+    print(f"registered: {where} (best trial {label})")
+
+
 # ------------------------------------------------------------------------------ entry points
 
 
@@ -360,7 +389,29 @@ def run(args: argparse.Namespace) -> SweepResult:
     from launch.jobs.train import init_ray
     from trainer.infra.logs import setup_logging
 
+    from launch.validate.preflight import preflight
+
     setup_logging()
     cfg, spec = load_sweep(args.config, args.overrides)
-    init_ray(args.address, args.num_cpus)
-    return run_sweep(cfg, spec)
+    preflight(cfg)   # validate's cheap checks on the base config, before Ray
+    uri = tracking_uri(cfg, spec)
+    command = shlex.join(["sweep", "--config", args.config, *args.overrides])
+    with DriverStop(cfg.train.stop_grace_s, functools.partial(kill_sweep_runs, cfg, spec, uri),
+                    lambda signum, how: f"sweep {spec.name} stopped by "
+                    f"{signal.Signals(signum).name} {how}; its trials resume from their newest "
+                    f"complete checkpoints; to resume: dldkd {command}") as stop:
+        init_ray(args.address, args.num_cpus)
+        stop.arm()
+        return stop.run(lambda: run_sweep(cfg, spec, stop))
+
+
+def kill_sweep_runs(cfg: Config, spec: SweepSpec, uri: str) -> None:
+    """A sweep stopped at once: its parent run and its running trial runs end KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    if mark_killed(uri, cfg.tracking.experiment, spec.name):
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        parent = client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{spec.name}'",
+                                    max_results=1)[0]
+        _close_stale_children(uri, parent.info.run_id)

@@ -7,7 +7,7 @@ The YAML holds a run config plus a ``sweep:`` section (docs/sweeps.md)::
       metric: val/SumR            # reported by every evaluation of a trial
       mode: max
       num_samples: 2
-      search_alg: random          # random | grid
+      search_alg: random          # random | grid | optuna (TPE)
       max_concurrent: 0           # 0 = as many trials as the cluster's CPUs/GPUs hold
       scheduler: {type: asha, time_attr: step, max_t: 8, grace_period: 4, reduction_factor: 2}
       space:
@@ -36,7 +36,7 @@ from trainer.config import Config, ConfigError, apply_overrides, from_dict, load
 from trainer.config import parse_overrides
 
 SCHEDULERS = ("asha", "fifo")
-SEARCH_ALGS = ("random", "grid")
+SEARCH_ALGS = ("random", "grid", "optuna")
 # Domain name -> number of YAML arguments (None: a non-empty list of values).
 DOMAINS: dict[str, int | None] = {"uniform": 2, "quniform": 3, "loguniform": 2, "randint": 2,
                                   "choice": None, "grid": None}
@@ -45,8 +45,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 VARIANT_KEY = "variant"
 VARIANT_PARAM = "sweep.variant"
 CLAIMS_PARAM = "sweep.claims"   # on the parent run: what `dldkd report` tests
-# Keys a sweep must not vary: they are each trial's identity, set by the sweep.
-IDENTITY_KEYS = ("run.name", "run.storage", "tracking.uri", "tracking.parent_run_id")
+# Keys a sweep must not vary: they are each trial's identity, set by the sweep (a trial registers
+# no model: the sweep registers its best trial's).
+IDENTITY_KEYS = ("run.name", "run.storage", "tracking.uri", "tracking.parent_run_id",
+                 "tracking.registered_model")
 
 
 @dataclass
@@ -143,10 +145,13 @@ def _check_fields(spec: SweepSpec, cfg: Config) -> None:
             or not 0 < spec.trial_cpus <= 64:
         raise ConfigError(f"sweep.trial_cpus={spec.trial_cpus!r} must be a number in (0, 64]")
     if spec.search_alg not in SEARCH_ALGS:
-        hint = " (optuna/hyperopt are not installed here)" if spec.search_alg in (
-            "optuna", "hyperopt", "bayesopt") else ""
+        hint = " (hyperopt/bayesopt are not installed here)" if spec.search_alg in (
+            "hyperopt", "bayesopt") else ""
         raise ConfigError(f"sweep.search_alg={spec.search_alg!r} is not available{hint}; "
                           f"choose one of {list(SEARCH_ALGS)}")
+    if spec.search_alg == "optuna" and spec.claims:
+        raise ConfigError("sweep.claims compare variants at the same seeds, which only a crossed "
+                          "grid guarantees: use search_alg random or grid with claims")
     sched = spec.scheduler
     if sched.type not in SCHEDULERS:
         raise ConfigError(f"sweep.scheduler.type={sched.type!r}; choose one of {list(SCHEDULERS)}")
@@ -252,9 +257,14 @@ def build_space(space: dict[str, Any], cfg: Config) -> dict[str, Any]:
 def tune_space(spec: SweepSpec, cfg: Config) -> dict[str, Any]:
     """The Tune ``param_space``; with ``search_alg: grid``, every choice becomes a grid axis.
 
-    Variants are always a grid axis (``variant``: their names), crossed with the other keys.
+    Variants are a grid axis (``variant``: their names), crossed with the other keys. Optuna
+    samples every key, so with ``search_alg: optuna`` grid keys and variants are categoricals.
     """
     space = build_space(spec.space, cfg)
+    if spec.search_alg == "optuna":
+        grids = {k: _domain("choice", v["grid"]) for k, v in spec.space.items() if "grid" in v}
+        variants = {VARIANT_KEY: _domain("choice", list(spec.variants))} if spec.variants else {}
+        return {**space, **grids, **variants}
     variants = {VARIANT_KEY: _domain("grid", list(spec.variants))} if spec.variants else {}
     if spec.search_alg != "grid":
         return {**space, **variants}
@@ -264,6 +274,23 @@ def tune_space(spec: SweepSpec, cfg: Config) -> dict[str, Any]:
                           "are continuous (use search_alg: random)")
     return {**{k: _domain("grid", next(iter(v.values()))) for k, v in spec.space.items()},
             **variants}
+
+
+def search_algorithm(spec: SweepSpec, limit: int):
+    """Tune's search algorithm for ``sweep.search_alg``, running at most ``limit`` trials at once.
+
+    ``random`` and ``grid`` are Tune's variant generator (the space holds the grid axes);
+    ``optuna`` is TPE seeded with ``sweep.seed``, learning from each finished trial's last
+    reported ``sweep.metric`` (Tune gives it the metric and mode)."""
+    if spec.search_alg == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=limit)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune ignores max_concurrent_trials next to a generator: limit it here.
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=limit)
 
 
 def _domain(kind: str, args: list):

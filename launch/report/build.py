@@ -1,6 +1,6 @@
 """``dldkd report``: a Markdown report of a finished sweep (or an MLflow experiment), from MLflow.
 
-Everything comes from what the runs logged (launch/report_mlflow.py): the variant (tag
+Everything comes from what the runs logged (launch/report/runs.py): the variant (tag
 ``dldkd.variant``, else the params that differ between runs), the seed-averaged scores (``test/*``
 when every run of a row has them, else each run's best validation evaluation), the validation
 curves, the teacher's zero-shot quality (``teacher/*``, logged by sweeps with

@@ -1,5 +1,6 @@
 """The numbers a report shows, from its runs: labels, seed means and spreads, teacher series,
-claims (tested by launch/claims.py), training curves, and a sweep's best evaluation per trial."""
+claims (tested by launch/report/claims.py), training curves, and a sweep's best evaluation per
+trial."""
 from __future__ import annotations
 
 import math

@@ -63,10 +63,15 @@ def test_installed_demo_small(tmp_path):
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     where = subprocess.run(
-        [venv / "bin" / "python", "-c", "import bench, dldkd_configs, launch, sharding, trainer; "
-         "print('\\n'.join(m.__file__ for m in (bench, dldkd_configs, launch, sharding, trainer)))"],
+        [venv / "bin" / "python", "-c", "import dldkd_configs, launch, sharding, trainer; "
+         "print('\\n'.join(m.__file__ for m in (dldkd_configs, launch, sharding, trainer)))"],
         cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.split()
-    assert len(where) == 5 and all(Path(f).is_relative_to(venv) for f in where), where
+    assert len(where) == 4 and all(Path(f).is_relative_to(venv) for f in where), where
+    # The wheel holds the product only: bench/ and tests/ run from a checkout.
+    top = subprocess.run([venv / "bin" / "python", "-c", "import importlib.util as u; "
+                          "print(u.find_spec('bench'), u.find_spec('tests'))"],
+                         cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+    assert top.split() == ["None", "None"], top
 
     out_dir = tmp_path / "demo"
     first = demo(venv, out_dir, cwd, env)

@@ -84,7 +84,7 @@ CASES = {
     "bad manifest": (_bad_manifest, "manifest.json"),
     "bad teacher file": (_bad_teacher, "cannot read teacher checkpoint"),
     "corrupt student": (_eval(lambda b: (b / "student.pt").write_bytes(b"\x80garbage")),
-                        "refused to load checkpoint file"),
+                        "cannot evaluate"),
     "student from another run": (
         _eval(lambda b: (b / "config.yaml").write_text(
             (b / "config.yaml").read_text().replace("hidden: 128", "hidden: 64"))),
@@ -103,3 +103,79 @@ def test_bad_input_gives_one_clear_message(case, world, finished, tmp_path, caps
     assert fragment in err, err[-2000:]
     message = err[err.index(f"dldkd {argv[0]}: error:"):]
     assert "Traceback" not in err and message.count("\n") == 2, err   # message + --debug hint
+    if argv[0] == "eval":   # evaluation's words, no training or unpickling advice
+        assert "run.resume" not in err and "weights_only=False" not in err, err
+
+
+# Bad input that fails before any work: no trainer, no Ray, no MLflow run, no run folder.
+def _args(*argv):
+    return lambda tmp, world: [a.format(tmp=tmp, world=world) for a in argv]
+
+
+def _tiny(*extra, ray: bool = False):
+    """``train`` of configs/tiny.yaml on the session world with ``extra`` overrides."""
+    def build(tmp: Path, world) -> list[str]:
+        over = tiny_overrides(world, tmp / "runs", name="bad", **{"train.epochs": 1}) + HARD
+        return ["train", "--config", "configs/tiny.yaml", *([] if ray else ["--no-ray"]), *over,
+                *[e.format(tmp=tmp, world=world) for e in extra]]
+    return build
+
+
+def _empty(tmp: Path, world) -> list[str]:
+    (tmp / "empty.yaml").write_text("")
+    return ["train", "--config", str(tmp / "empty.yaml"), "--no-ray"]
+
+
+LONG = "x" * 100_000
+EARLY = {
+    "batch of one": (_tiny("data.batch_videos=1"),
+                     "data.batch_videos=1: the ranking losses need at least 2 videos"),
+    "batch beyond any split": (_tiny("data.batch_videos=1000000000"),
+                               "data.batch_videos=1000000000 is out of range; allowed [1, 65536]"),
+    "batch larger than the split": (_tiny("data.batch_videos=200"),
+                                    "data.batch_videos=200 > the 96 videos of"),
+    "long value": (_tiny(f"optim.lr={LONG}"), "optim.lr='xxxxxxx"),
+    "storage not writable": (_tiny("run.storage=/proc/nope"), "run.storage='/proc/nope': "),
+    "empty config": (_empty, "data.train is empty: point it at a shard"),
+    "no manifest, Ray": (_tiny("data.train={tmp}/nowhere", ray=True),
+                         "data.train='{tmp}/nowhere': no shard manifest at"),
+    "no manifest, sweep": (_args("sweep", "--config", "configs/sweep-demo.yaml",
+                                 "data.train={tmp}/nowhere", "run.storage={tmp}/runs"),
+                           "data.train='{tmp}/nowhere': no shard manifest at"),
+    "tracking server down": (_tiny("tracking.uri=http://127.0.0.1:9"),
+                             "tracking.uri='http://127.0.0.1:9': http://127.0.0.1:9/health did "
+                             "not answer"),
+}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Training, Ray and the teacher fail the test if anything reaches them."""
+    import launch.jobs.train
+    import trainer.run
+    import trainer.teacher.model
+
+    def started(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{what} started before the bad input was refused")
+        return fail
+
+    monkeypatch.setattr(trainer.run, "train", started("training"))
+    monkeypatch.setattr(launch.jobs.train, "init_ray", started("Ray"))
+    monkeypatch.setattr(trainer.teacher.model, "build_teacher", started("the teacher"))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.mark.parametrize("case", list(EARLY))
+def test_bad_input_fails_before_any_work(case, world, tmp_path, capsys, no_work):
+    build, fragment = EARLY[case]
+    argv = build(tmp_path, world)
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment.format(tmp=tmp_path) in err, err[-2000:]
+    message = err[err.index(f"dldkd {argv[0]}: error:"):]
+    assert "Traceback" not in err and message.count("\n") == 2, err[-2000:]
+    assert len(message) < 1000, message[:2000]     # no unbounded value is ever quoted
+    assert not (tmp_path / "runs").exists(), "a run folder (MLflow store, lease) was made"

@@ -300,3 +300,30 @@ def test_frames_follow_the_release_conversion_grid(tmp_path):
                 for a, b in spans]
         assert frame_levels(s) == want, vid
     assert max(s.n_frames_orig for s in got.values()) == 1000
+
+
+def test_rerun_after_a_missing_video_was_added_writes_its_frames(tmp_path, capsys):
+    """The shard whose video was missing is written again once the video is there (the other
+    shard is kept); no stale "missing" line is printed."""
+    from launch.cli import main
+    from sharding.writer import load_manifest
+
+    write_source(tmp_path / "src", {"a": 4, "b": 4, "c": 4, "gone": 4})
+    (tmp_path / "videos").mkdir()
+    for vid in ("a", "b", "c"):
+        write_video(tmp_path / "videos" / f"{vid}.mp4")
+    args = ["shard", "frames", "--videos", str(tmp_path / "videos"), "--shards",
+            str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--size", "32",
+            "--workers", "1"]
+    assert main(args) == 0
+    assert "skipped gone: missing" in capsys.readouterr().out
+    kept = sorted(tmp_path.joinpath("out").glob("*.tar"))[0]
+    stamp = kept.stat().st_mtime_ns
+
+    write_video(tmp_path / "videos" / "gone.mp4")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped gone" not in out and "4 videos with frames" in out
+    assert "gone" not in load_manifest(tmp_path / "out").skipped["ids"]
+    assert {s.video_id for s in read_all(str(tmp_path / "out"))} == {"a", "b", "c", "gone"}
+    assert kept.stat().st_mtime_ns == stamp, "the unchanged shard was rewritten"

@@ -230,7 +230,7 @@ def test_corrupted_member_is_skipped_and_counted(tmp_path):
     assert "v5" in r.stats.errors[0] and "b.tar" in r.stats.errors[0]
     strict = ShardReader(src, batch_videos=4, loader_workers=0, resampled=False,
                          max_bad_fraction=0.1)
-    with pytest.raises(BadDataError, match="1 of 8 samples"):
+    with pytest.raises(BadDataError, match="1 of this rank's 8 samples"):
         list(strict.epoch(0))
 
 

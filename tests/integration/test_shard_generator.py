@@ -106,3 +106,27 @@ def test_msssl_convert_refuses_other_release_settings(tmp_path):
     convert(rel.root, "tvr", "test", out, videos_per_shard=2, clip=True, overwrite=True,
             progress=False)
     assert all(s.teacher_frame_emb is not None for s in read_all(str(out / "test")))
+
+
+def test_msssl_rerun_after_a_feature_file_changed_is_refused(tmp_path):
+    """A feature file rewritten since (same size, new content) is noticed: the rerun names
+    --overwrite instead of keeping shards of the old features."""
+    import os
+
+    import numpy as np
+
+    rel = make_release(tmp_path / "release", "tvr", {"test": 4}, clip=False)
+    out = tmp_path / "out"
+    convert(rel.root, "tvr", "test", out, videos_per_shard=2, clip=False, progress=False)
+    first = _shas(out / "test")
+    feature = next((rel.root / "tvr" / "FeatureData").glob("*/feature.bin"))
+    data = np.fromfile(feature, np.float32)
+    (data + 1).tofile(feature)
+    stat = feature.stat()
+    os.utime(feature, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(ManifestError, match="feature.bin.*--overwrite"):
+        convert(rel.root, "tvr", "test", out, videos_per_shard=2, clip=False, progress=False)
+    assert _shas(out / "test") == first
+    convert(rel.root, "tvr", "test", out, videos_per_shard=2, clip=False, overwrite=True,
+            progress=False)
+    assert _shas(out / "test") != first

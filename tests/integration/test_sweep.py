@@ -12,6 +12,7 @@ import pytest
 from launch.report import render as report_render, stats as report_stats
 from launch.jobs import sweep, sweep_spec
 from trainer.config import Config, ConfigError, load_config
+from trainer.infra.tags import REGISTERED_MODEL_TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +77,7 @@ def test_bad_space_names_the_key(space: dict, message: str) -> None:
     ({"name": "a/b"}, "sweep.name='a/b'"),
     ({"mode": "up"}, "sweep.mode='up'"),
     ({"num_samples": 0}, "sweep.num_samples=0"),
-    ({"search_alg": "optuna"}, "optuna/hyperopt are not installed"),
+    ({"search_alg": "hyperopt"}, "hyperopt/bayesopt are not installed"),
     ({"scheduler": {"type": "pbt"}}, "sweep.scheduler.type='pbt'"),
     ({"scheduler": {"type": "asha", "time_attr": "training_iteration", "max_t": 8}},
      "use time_attr: step"),
@@ -167,7 +168,7 @@ def test_concurrent_trials_fit_the_cluster(cluster, demand, cap, expected) -> No
 
 
 def test_trial_config_applies_values_and_a_stable_identity() -> None:
-    base = tiny().to_dict()
+    base = load_config(ROOT / "configs" / "tiny.yaml", ["tracking.registered_model=m"]).to_dict()
     cfg = sweep.trial_config(base, {"optim.lr": 2e-4, "loss.targets": "hard"}, sweep="s1",
                              trial_id="ab12_00001", storage="/r/s1/trials", uri="sqlite:///x.db",
                              parent_run_id="p123")
@@ -176,6 +177,7 @@ def test_trial_config_applies_values_and_a_stable_identity() -> None:
     assert (cfg.run.storage, cfg.tracking.uri, cfg.tracking.parent_run_id) == (
         "/r/s1/trials", "sqlite:///x.db", "p123")
     assert base["optim"]["lr"] == tiny().optim.lr  # the shared base is not mutated
+    assert cfg.tracking.registered_model == ""  # trials register nothing: the sweep registers
 
 
 def test_open_tuner_starts_new_without_an_experiment(tmp_path: Path) -> None:
@@ -249,11 +251,12 @@ SWEEP_YAML = """
     data: {val: VAL, batch_videos: 16, steps_per_epoch: 3, loader_workers: 0}
     train: {epochs: 1, log_every: 3}
     dist: {num_workers: 1, zero_stage: 0}
-    tracking: {system_metrics: false}
+    tracking: {system_metrics: false, registered_model: sweep-best}
     run: {name: it, storage: STORAGE}
     sweep:
       name: resume-it
-      search_alg: grid
+      search_alg: optuna
+      seed: 1
       trial_cpus: 0.5
       space:
         optim.lr: {grid: [1.0e-3]}
@@ -272,8 +275,9 @@ def world(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> None:
     """The trial fails (its data is missing); the rerun restores the same trial, trains it, and
-    MLflow keeps one parent and one child per trial. (One trial keeps CI time down; the e2e
-    test runs two.)"""
+    MLflow keeps one parent and one child per trial. The search is Optuna's (its state is
+    restored too), and the sweep registers its best trial's model. (One trial keeps CI time
+    down; the e2e test runs two.)"""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -309,6 +313,11 @@ def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> Non
                for r in children)
     assert {a.path for a in client.list_artifacts(result.parent_run_id, "sweep")} == {
         "sweep/trials.md", "sweep/sumr.png"}
+    # the best trial's model is the one registered version; no data.test, so no alias
+    (version,) = client.search_model_versions("name = 'sweep-best'")
+    assert version.run_id == children[0].info.run_id and not version.aliases
+    assert client.get_run(result.parent_run_id).data.tags[REGISTERED_MODEL_TAG] == \
+        "models:/sweep-best/1"
 
 
 ASHA_YAML = """

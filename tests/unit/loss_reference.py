@@ -1,6 +1,6 @@
 """Slow plain-loop losses written straight from the method.md §5 formulas, one query / video at a time.
 
-Independent of trainer.losses on purpose: the tests compare the vectorised code with these.
+Independent of trainer.method.losses on purpose: the tests compare the vectorised code with these.
 Scores are autograd tensors so gradients can be compared too; use float64 inputs.
 """
 from __future__ import annotations

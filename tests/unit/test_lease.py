@@ -1,4 +1,4 @@
-"""One launch per run (launch/lease.py): the lease file on a local folder and on a real S3 API
+"""One launch per run (launch/jobs/lease.py): the lease file on a local folder and on a real S3 API
 (moto's server on 127.0.0.1)."""
 from __future__ import annotations
 
@@ -57,3 +57,28 @@ def test_two_takers_of_one_stale_lease_one_wins(run_storage):
     assert a.store.replace(a._body(), version)
     assert not b.store.replace(b._body(), version), "the stale version was already replaced"
     assert json.loads(a.store.read()[0])["token"] == a.holder["token"]
+
+
+@pytest.mark.parametrize("forged, words", [
+    ({"renewed": time.time() + 10 * 365 * 86400, "ttl_s": 120}, "in the future"),
+    ({"renewed": time.time(), "ttl_s": 1e12}, "outside (0, 3600]"),
+    ({"renewed": "soon", "ttl_s": 120}, "not a number"),
+])
+def test_a_lease_no_live_holder_could_write_is_taken_over_with_a_warning(tmp_path, forged,
+                                                                         words, caplog):
+    """A renewal in the future or an absurd TTL would otherwise block the run forever."""
+    location = storage.join(str(tmp_path), "r", "lease.json")
+    forger = Lease(location, "r")
+    assert forger.store.create(json.dumps({**forger.holder, **forged}).encode())
+    with caplog.at_level("WARNING", logger="dldkd"):
+        run_lease(str(tmp_path), "r").acquire()
+    assert any("took over" in r.getMessage() and words in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_a_fresh_lease_within_the_clock_skew_is_still_held(tmp_path):
+    location = storage.join(str(tmp_path), "r", "lease.json")
+    holder = Lease(location, "r")
+    assert holder.store.create(json.dumps({**holder.holder, "renewed": time.time() + 5}).encode())
+    with pytest.raises(LeaseHeld):
+        run_lease(str(tmp_path), "r").acquire()

@@ -29,10 +29,28 @@ def test_every_kd_shape_is_weighted_by_w():
     assert kd_weight(200, with_(kd_schedule="linear")) == pytest.approx(0.1 * 0.05)
     assert kd_weight(8, with_(kd_schedule="sigmoid")) == pytest.approx(
         0.1 * 800 / (800 + math.exp(1.0)))
-    assert kd_weight(0, with_(kd_schedule="exp_up")) == pytest.approx(0.1 * 0.01)
-    assert kd_weight(1000, with_(kd_schedule="exp_up")) == pytest.approx(0.1)
+    assert kd_weight(0, with_(kd_schedule="exp_up")) == pytest.approx(0.1 * 0.1 * 0.01)
+    assert kd_weight(1000, with_(kd_schedule="exp_up")) == pytest.approx(0.1 * 0.1)
     assert kd_weight(10 ** 6, with_(kd_schedule="sigmoid")) == 0.0  # no overflow
     assert set(KD_SHAPES) == {"exp_down", "linear", "sigmoid", "exp_up"}
+
+
+@pytest.mark.parametrize("epoch, expected", [
+    (0, 1e-4), (1, 5e-4), (20, 0.01 * (1 - 0.95 ** 20)), (60, 0.01 * (1 - 0.95 ** 60)),
+    (120, 0.01 * (1 - 0.95 ** 120))])
+def test_exp_up_is_the_reference_decay_way_8(epoch, expected):
+    """The reference's increasing schedule: lambda(e) = 0.01 clip(1 - 0.95^e, 0.01, 1), i.e.
+    1e-4 at e=0, 6.4e-3 at e=20 and 1e-2 by e=120 (SPEC.md §6), not 10x that."""
+    lam = kd_weight(epoch, with_(kd_schedule="exp_up"))
+    assert lam == pytest.approx(expected, rel=1e-9)
+    assert lam == pytest.approx(0.01 * min(max(1 - 0.95 ** epoch, 0.01), 1.0), rel=1e-9)
+
+
+def test_exp_up_check_values():
+    lam = {e: kd_weight(e, with_(kd_schedule="exp_up")) for e in (0, 20, 120)}
+    assert lam[0] == pytest.approx(1e-4)
+    assert round(lam[20], 4) == 0.0064 and lam[20] == pytest.approx(0.00642, abs=5e-6)
+    assert 0.0099 < lam[120] <= 0.01
 
 
 def test_constants_from_config_change_the_weights_as_the_formulas_say():
@@ -42,7 +60,7 @@ def test_constants_from_config_change_the_weights_as_the_formulas_say():
                                kd_linear_floor=0.3)) == pytest.approx(0.03)
     assert kd_weight(5, with_(kd_schedule="sigmoid", kd_sigmoid_k=100)) == pytest.approx(
         0.1 * 100 / (100 + math.exp(5.0)))
-    assert kd_weight(0, with_(kd_schedule="exp_up", kd_exp_up_min=0.2)) == pytest.approx(0.02)
+    assert kd_weight(0, with_(kd_schedule="exp_up", kd_exp_up_min=0.2)) == pytest.approx(0.002)
     c = with_(soft_sigma_k=10.0, soft_sigma_tau=2.0, soft_scale=0.6, soft_beta_floor=0.4)
     sigma = 10.0 / (10.0 + math.exp(6 / 2.0))
     assert soft_alpha(6, c) == pytest.approx(0.6 * sigma)

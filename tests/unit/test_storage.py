@@ -1,5 +1,5 @@
-"""Where a run's files live (trainer/storage.py) and its best weights (trainer/best.py), on a local
-folder and on a real S3 API (moto's server on 127.0.0.1)."""
+"""Where a run's files live (trainer/infra/storage.py) and its best weights
+(trainer/infra/best.py), on a local folder and on a real S3 API (moto's server on 127.0.0.1)."""
 from __future__ import annotations
 
 import json
@@ -98,3 +98,39 @@ def test_driver_config_is_valid_in_a_worker_without_the_variable(monkeypatch, tm
     # An explicit tracking.uri wins over the variable.
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["tracking.uri=sqlite:///x.db"])
     assert cfg.tracking.uri == "sqlite:///x.db"
+
+
+def test_node_scratch_is_keyed_by_storage_and_name():
+    """A run of the same name on other storage never shares this node's scratch."""
+    a = storage.local_run_dir("s3://a/runs", "r")
+    assert a != storage.local_run_dir("s3://b/runs", "r")
+    assert a != storage.local_run_dir("s3://a/runs", "q")
+    assert a == storage.local_run_dir("s3://a/runs/", "r")
+
+
+def test_object_store_checkpoints_count_only_once_complete(s3, tmp_path):
+    """Without Ray on S3: a checkpoint's files are uploaded, then its marker; a folder without
+    the marker (an upload cut short) is never resumed from, and a resume reads the store, not
+    what this node's cache holds."""
+    from trainer.infra.reporting import COMPLETE, LocalReporter, complete_step
+
+    root = s3.url("runs", "r", "checkpoints")
+    rep = LocalReporter(root, True, cache=tmp_path / "cache")
+    for step in (2, 4):
+        staged = rep.staging_dir(step)
+        staged.mkdir(parents=True)
+        (staged / "client.json").write_text(str(step))
+        (staged / "state").mkdir()
+        (staged / "state" / "model.pt").write_bytes(b"w" * step)
+        rep.report({}, staged, step)
+        assert not staged.exists()
+    assert complete_step(root) == 4 and s3.exists("runs", "r", "checkpoints", "step-00000004",
+                                                  "state", "model.pt")
+    s3.fs.rm_file(f"{root}/step-00000004/{COMPLETE}")   # as if cut short before its marker
+    (tmp_path / "cache" / "restored" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "cache" / "restored" / "step-00000002" / "client.json").write_text("stale")
+    found = LocalReporter(root, True, cache=tmp_path / "cache").restore_dir()
+    assert found.name == "step-00000002" and (found / "client.json").read_text() == "2"
+    assert (found / "state" / "model.pt").read_bytes() == b"ww"
+    assert LocalReporter(s3.url("other", "r", "checkpoints"), True,
+                         cache=tmp_path / "cache").restore_dir() is None

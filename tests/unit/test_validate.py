@@ -8,9 +8,11 @@ import os
 import shutil
 import socket
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,7 +94,9 @@ def test_a_good_config_passes_every_check(good):
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_shipped_presets_pass_offline(preset):
-    report, checks = run([], offline=True, config=preset)
+    # configs/tiny.yaml names no shards (its users pass data.train): offline, that alone fails
+    over = ["data.train=shards/train"] if preset.stem == "tiny" else []
+    report, checks = run(over, offline=True, config=preset)
     assert report.ok, report.render()
     assert "data.train" not in checks and "storage" not in checks   # config-only
     assert "OK" in report.render() and "memory per worker" in report.render()
@@ -127,8 +131,9 @@ def test_cpu_workers_below_the_cores_are_a_warning(good, monkeypatch):
 
 
 def test_batch_of_one_video_fails(good):
-    report, checks = run(good + ["data.batch_videos=1"])
-    assert checks["batch"].status == FAIL and "data.batch_videos=1" in checks["batch"].message
+    report, checks = run(good + ["data.batch_videos=1"])   # refused by the config model
+    assert checks["config"].status == FAIL and "data.batch_videos=1: the ranking losses need " \
+        "at least 2 videos" in checks["config"].message
 
 
 def test_batch_arithmetic_is_reported(good):
@@ -269,6 +274,83 @@ def test_damaged_shards_fail_validation(case, good, world, tmp_path):
     assert shard.name in check.message and words in check.message
     assert "dldkd shard" in check.message
     assert checks["data.train shards"].status == OK
+
+
+def _rewrite(shard: Path, change) -> None:
+    """Rewrite ``shard`` with ``change(members)`` applied to its [(TarInfo, bytes)] and make the
+    manifest agree (checksum and size): only decoding the samples can find what changed."""
+    import io
+    import tarfile
+
+    from tests.conftest import rehash
+
+    with tarfile.open(shard) as tar:
+        members = change([(info, tar.extractfile(info).read()) for info in tar if info.isreg()])
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, body in members:
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    rehash(shard.parent)
+
+
+def _replace(member: str, body, which: int = 0):
+    """A change that replaces ``member`` of sample ``which`` (``body(old bytes)``)."""
+    def change(members):
+        keys = sorted({info.name.split(".", 1)[0] for info, _ in members})
+        name = f"{keys[which]}.{member}"
+        return [(info, body(data) if info.name == name else data) for info, data in members]
+    return change
+
+
+def _nan(data: bytes) -> bytes:
+    import io
+
+    array = np.load(io.BytesIO(data))
+    out = io.BytesIO()
+    np.save(out, np.full_like(array, np.nan))
+    return out.getvalue()
+
+
+def _evil(members):
+    evil = tarfile.TarInfo("../../evil")
+    return members[:1] + [(evil, b"x")] + members[1:]
+
+
+DECODE_DAMAGE = {   # behind a matching sha256: what only decoding (or the names) can find
+    "garbage frames": (_replace("frames.npy", lambda d: b"\x93NUMPY garbage"), "frames.npy"),
+    "NaN features": (_replace("frames.npy", _nan), "non-finite"),
+    "path-like member": (_evil, "'../../evil'"),
+}
+
+
+@pytest.mark.parametrize("case", DECODE_DAMAGE)
+def test_samples_are_decoded_as_training_decodes_them(case, good, tmp_path):
+    damage, words = DECODE_DAMAGE[case]
+    copy = tmp_path / "val"
+    shutil.copytree(Path([g for g in good if g.startswith("data.val=")][0][9:]), copy)
+    shard = sorted(copy.glob("*.tar"))[1]
+    _rewrite(shard, damage)
+    report, checks = run(good + [f"data.val={copy}"])
+    check = checks["data.val shards"]
+    assert check.status == FAIL and shard.name in check.message and words in check.message, \
+        check.message
+
+
+def test_deep_decodes_every_sample(good, tmp_path):
+    """By default the first and last sample of each shard; --deep every one of them."""
+    copy = tmp_path / "val"
+    shutil.copytree(Path([g for g in good if g.startswith("data.val=")][0][9:]), copy)
+    _rewrite(sorted(copy.glob("*.tar"))[0], _replace("frames.npy", _nan, which=4))
+    assert run(good + [f"data.val={copy}"])[1]["data.val shards"].status == OK
+    deep = validate_run(str(ROOT / "configs" / "tiny.yaml"), good + [f"data.val={copy}"],
+                        deep=True)
+    check = {c.name: c for c in deep.checks}["data.val shards"]
+    assert check.status == FAIL and "non-finite" in check.message, check.message
+
+
+def test_an_empty_config_fails_offline_naming_data_train():
+    report, checks = run([], offline=True, config=None)
+    assert not report.ok and "data.train is empty" in checks["data.train"].message
 
 
 @pytest.mark.parametrize("content, words", [

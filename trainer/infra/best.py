@@ -1,9 +1,10 @@
 """A run's best weights, ``<run.storage>/<run.name>/best/``: kept in run storage, cached on a node.
 
 The folder holds ``student.pt`` (a plain state dict), ``config.yaml`` and ``metrics.json`` (with the
-step the weights are from), and at the end ``test_report.json`` and ``val_sumr.png``. Every file is
-written whole (``storage.write_bytes``), ``metrics.json`` last, so its step names the weights
-beside it. Workers restarted on another node find the folder in storage, not on a lost disk.
+step the weights are from), and at the end ``test_report.json``, ``explorer.html`` and
+``val_sumr.png``. Every file is written whole (``storage.write_bytes``), ``metrics.json`` last,
+so its step names the weights beside it. Workers restarted on another node find the folder in
+storage, not on a lost disk.
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ def saved_step(folder: Path) -> int | None:
 
 
 def local_copy(location: str, cache: Path, step: int) -> Path:
-    """``cache`` holding the best weights of ``step``, fetched from ``location`` when this node
-    lacks them (a worker restarted elsewhere); FileNotFoundError names the folder if none exist."""
+    """``cache`` holding the best weights of ``step``, fetched from ``location`` when that is
+    remote (run storage speaks, never a node's cache); FileNotFoundError names the folder if
+    none exist."""
     cache = Path(cache)
-    if saved_step(cache) != step and storage.is_remote(location):
+    if storage.is_remote(location):
         for name in FILES:
             source = storage.join(location, name)
             try:

@@ -1,8 +1,12 @@
-"""Throughput in the logs: wall time per phase of a step (data, teacher, student) and the ETA."""
+"""Progress: wall time per phase of a step (data, teacher, student) and the ETA in the logs;
+the validation SumR plot of a run."""
 from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
+
+from sharding.files import atomic_path
 
 
 class PhaseTimer:
@@ -43,3 +47,21 @@ def fmt_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    """Validation SumR over steps: the evaluation report's plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["step"] for h in history], [h["SumR"] for h in history], marker="o")
+    ax.set(xlabel="step", ylabel="validation SumR", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

@@ -1,10 +1,18 @@
-"""Stopping on SIGTERM/SIGINT with a checkpoint (preemption on Kubernetes and Ray)."""
+"""Stopping on SIGTERM/SIGINT with a checkpoint (preemption on Kubernetes and Ray).
+
+Without Ray the process that gets the signal runs the loop (``StopOnSignals`` installs the
+handlers). Under Ray the signal goes to the driver, which forwards it (``launch.jobs.stop``);
+each worker's reporter then answers ``stop_requested()`` with the signal number, polled at the
+same steps.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import sys
 import threading
+from typing import Callable
 
 import torch
 
@@ -27,12 +35,16 @@ class Stopped(Exception):
 class StopOnSignals:
     """SIGTERM (what Kubernetes and Ray send on preemption) and SIGINT ask the loop to stop at
     its next log, evaluation or checkpoint step, where the ranks agree and save a checkpoint. A
-    second signal, or ``grace_s`` seconds without reaching that point, ends the process at once.
-    Handlers are installed only in the main thread (Ray Train workers run in another thread;
-    Ray handles their preemption)."""
+    second signal, or ``grace_s`` seconds without reaching that point, ends the process at once,
+    after ``on_abort`` (which marks the MLflow run KILLED). Handlers are installed only in the
+    main thread; ``poll`` (the reporter's ``stop_requested``) brings a signal that reached
+    another process (the Ray driver)."""
 
-    def __init__(self, grace_s: float):
+    def __init__(self, grace_s: float, poll: Callable[[], int] | None = None,
+                 on_abort: Callable[[], None] | None = None):
         self.grace_s = grace_s
+        self.poll = poll
+        self.on_abort = on_abort
         self.signum: int | None = None
         self._old: dict[int, object] = {}
         self._timer: threading.Timer | None = None
@@ -51,15 +63,37 @@ class StopOnSignals:
 
     def _handle(self, signum: int, _frame) -> None:
         if self.signum is not None:
-            os._exit(128 + signum)
+            self._abort(signum, "a second signal")
         self.signum = signum
         log.warning("%s received: saving a checkpoint at the next log step (within %.0f s; "
                     "signal again to stop now)", signal.Signals(signum).name, self.grace_s)
-        self._timer = threading.Timer(self.grace_s, os._exit, (128 + signum,))
+        self._timer = threading.Timer(self.grace_s, self._abort,
+                                      (signum, f"no log step within {self.grace_s:.0f} s"))
         self._timer.daemon = True
         self._timer.start()
 
+    def _abort(self, signum: int, why: str) -> None:
+        """Stop now, without a checkpoint: the run is marked KILLED and resumes from its last
+        complete checkpoint."""
+        if self.on_abort is not None:
+            try:
+                self.on_abort()
+            except Exception as err:  # noqa: BLE001 - exiting regardless
+                log.warning("could not mark the run KILLED: %s", err)
+        print(f"stopped at once by {signal.Signals(signum).name} ({why}) without a checkpoint; "
+              "relaunch the same command to resume from the last complete checkpoint",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
     def agreed(self) -> bool:
-        """Whether any rank was signalled (a collective: every rank calls it at the same step)."""
-        flag = torch.tensor([1 if self.signum else 0])
-        return bool(dist.all_reduce_sum(flag).item())
+        """Whether any rank was signalled, or the driver forwarded a signal (a collective: every
+        rank calls it at the same step); ``signum`` is then set on every rank."""
+        if self.signum is None and self.poll is not None:
+            self.signum = self.poll() or None
+        flags = torch.tensor([self.signum == signal.SIGTERM, self.signum == signal.SIGINT],
+                             dtype=torch.int64)
+        term, interrupt = dist.all_reduce_sum(flags).tolist()
+        if not (term or interrupt):
+            return False
+        self.signum = self.signum or (signal.SIGTERM if term else signal.SIGINT)
+        return True

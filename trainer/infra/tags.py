@@ -12,3 +12,4 @@ WORLD_SIZE_TAG = "dldkd.world_size"    # on a run: its worker count (the latest 
 NODE_RANKS_TAG = "dldkd.node_ranks"    # on a run: JSON list, the node rank of each worker
 RESUME_CHANGED_PREFIX = "dldkd.resume_changed."   # + key: "old -> new" for a relaunch's changes
 BEST_CHECKPOINT_TAG = "dldkd.best_checkpoint"      # where the best weights were saved
+REGISTERED_MODEL_TAG = "dldkd.registered_model"    # models:/NAME/VERSION of the run's model

@@ -135,6 +135,12 @@ class Tracker:
         self._stop_system_metrics()
         return True
 
+    def mark_killed(self) -> None:
+        """Close the run as KILLED at once, without flushing (a process about to exit: the
+        spool keeps what was not sent, for the next run with this name)."""
+        if self.enabled:
+            mark_killed(self.uri, self.experiment, self.run_key)
+
     @property
     def pending(self) -> int:
         return len(self._queue)
@@ -276,6 +282,28 @@ class Tracker:
 
     def _rewrite_spool(self, records: list[dict]) -> None:
         write_atomic(self.spool, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def mark_killed(uri: str, experiment: str, run_key: str) -> bool:
+    """Set the MLflow run of ``run_key`` to KILLED (a run stopped at once, by a second signal or
+    after its grace period); False when there is none or MLflow is unreachable."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        found = exp and client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+            max_results=1)
+        if not found:
+            return False
+        client.set_terminated(found[0].info.run_id, status="KILLED")
+        return True
+    except Exception as exc:  # noqa: BLE001 - the process exits regardless
+        log.warning("could not mark MLflow run %s KILLED: %s", run_key, _short(exc, 200))
+        return False
 
 
 def _param(value: Any) -> str:

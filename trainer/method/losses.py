@@ -162,7 +162,7 @@ def total_loss(scores: dict[str, BranchScores], labels: Tensor, video_mask: Tens
 
     Per branch: trip(S) + nce_weight * nce-or-snce(U); the inheritance branch adds lambda KD and
     takes its soft targets from the teacher's T, the exploration branch from its own U. ``weights``
-    (lambda, alpha, beta, hard negatives) come from :func:`trainer.schedules.loss_weights`.
+    (lambda, alpha, beta, hard negatives) come from :func:`trainer.method.schedules.loss_weights`.
     Returns the loss and every unweighted term as a detached 0-dim tensor (read them only when
     logging: each read is a device-to-host sync).
     """

@@ -9,6 +9,9 @@ Two exact savings over the plain masked computation:
   positions equals the max over valid frames without any mask arithmetic;
 - videos are scored in chunks sorted by length and each chunk is cut to its longest video, so
   padding is (mostly) not multiplied at all.
+
+One concern over 400 lines: the gallery (encoded once), the blocked scoring and the rank
+arithmetic share the block layout above; split apart, each half would re-derive it.
 """
 from __future__ import annotations
 

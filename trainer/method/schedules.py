@@ -28,8 +28,13 @@ def _sigmoid(e: float, c: LossConfig) -> float:
     return k / (k + math.exp(x)) if x < 700 else 0.0  # exp overflows past ~709
 
 
+# The reference's increasing shape (DL-DKD decay_way 8) is clip(0.1 (1 - base^e), 0.001, 0.1):
+# 0.1 * clip(1 - base^e, 0.01, 1), so its lambda(e) is kd_weight * 0.1 * clip(...) (SPEC.md §6).
+EXP_UP_SCALE = 0.1
+
+
 def _exp_up(e: float, c: LossConfig) -> float:
-    return min(max(1.0 - c.kd_exp_base ** e, c.kd_exp_up_min), 1.0)
+    return EXP_UP_SCALE * min(max(1.0 - c.kd_exp_base ** e, c.kd_exp_up_min), 1.0)
 
 
 # lambda(e) = loss.kd_weight * shape(e), for every shape.

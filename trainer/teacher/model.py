@@ -1,7 +1,7 @@
 """The frozen open_clip teacher (method.md §4): per-batch similarity targets tau (Q, B, L) and T (Q, B).
 
-Online (``replicated`` or ``zero3``, trainer/teacher_placement.py) from the weights that
-trainer/teacher_weights.py resolves, or ``precomputed`` (embeddings read from the batch). Under
+Online (``replicated`` or ``zero3``, trainer/teacher/placement.py) from the weights that
+trainer/teacher/weights.py resolves, or ``precomputed`` (embeddings read from the batch). Under
 ``zero3`` every forward is a collective: each rank runs the same number of text and image chunks
 per call, padding with a dummy chunk when it has fewer (a short last batch, or frames all served
 by its cache).

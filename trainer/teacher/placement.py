@@ -7,8 +7,8 @@ under ``zero3``: its forward gathers the parameters) and the sha256 that names t
 """
 from __future__ import annotations
 
-
 import hashlib
+import logging
 from typing import Callable
 
 import open_clip
@@ -43,10 +43,25 @@ def zero3_config(bf16: bool) -> dict:
 
 
 def create_clip(source: WeightSource, device: torch.device) -> nn.Module:
-    """The architecture without weights (they are loaded and checked here, not by open_clip)."""
-    return open_clip.create_model(source.model_name, pretrained=None, load_weights=False,
-                                  device=device, force_preprocess_cfg=source.preprocess,
-                                  nonscalar_logit_scale=True)
+    """The architecture without weights (they are loaded and checked here, not by open_clip).
+    open_clip's "No pretrained weights loaded ... initialized randomly" is true only without a
+    checkpoint; when one is loaded next it would mislead, so it is dropped then."""
+    drop = _RandomInitWarning() if source.checkpoint else None
+    root = logging.getLogger()
+    if drop:
+        root.addFilter(drop)
+    try:
+        return open_clip.create_model(source.model_name, pretrained=None, load_weights=False,
+                                      device=device, force_preprocess_cfg=source.preprocess,
+                                      nonscalar_logit_scale=True)
+    finally:
+        if drop:
+            root.removeFilter(drop)
+
+
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
 
 
 def rank() -> int:

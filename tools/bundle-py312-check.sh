@@ -10,7 +10,10 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-PY312=${PYTHON312:-$(command -v python3.12 || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 | tail -n 1)}
+# pyenv's 3.12 first: its python3.12 shim fails unless 3.12 is pyenv's selected version.
+PY312=${PYTHON312:-$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null \
+  | tail -n 1)}
+PY312=${PY312:-$(command -v python3.12)}
 WORK=$ROOT/.cache/py312-check
 VENV=$WORK/venv
 TARGET=$WORK/site

@@ -138,7 +138,7 @@ step install 90 install.log install_bundle
 step requirements 60 env.log "$PY" tools/bundle_check.py --wheels "$WHEELS" \
   --mlflow-smoke "$WORK/mlflow-smoke"
 step versions 60 env.log "$PY" -c "$VERSIONS_PY"
-echo "[gpu-check] $(tail -n 1 "$OUT/env.log")"
+grep '"torch"' "$OUT/env.log" | tail -n 1 | sed 's/^/[gpu-check] /'   # the versions
 
 if [[ $DRY == 1 ]]; then
   # Collects and skips the GPU test (no CUDA): the command, its log and its verdict.
@@ -171,7 +171,8 @@ files=$(find "$OUT" -type f | wc -l)
 echo "[gpu-check] $(( $(date +%s) - START ))s; $files files in $OUT:"
 ls -l "$OUT"
 "$PY" -c 'import json, sys; s = json.load(open(sys.argv[1])); e = s["bench_eval"] or {}
-print(json.dumps({"ok": s["ok"], "total_s": s["total_s"], "env": s["env"], "pytest": s["pytest"],
+print(json.dumps({"ok": s["ok"], "total_s": s["total_s"], "env": s["env"],
+                  "requirements": s["requirements"], "pytest": s["pytest"],
                   "bench_gpu": s["bench_gpu"], "bench_eval_speedup": e.get("speedup"),
                   "train": s["train"]}))' "$OUT/summary.json"
 ((files <= 8)) || { echo "more than 8 files in $OUT"; exit 1; }

@@ -16,17 +16,19 @@ import sys
 from pathlib import Path
 
 
-def last_json(path: Path) -> dict | None:
-    """The last line of a log that parses as a JSON object."""
+def last_json(path: Path, key: str | None = None) -> dict | None:
+    """The last line of a log that parses as a JSON object (holding ``key``, if given)."""
     if not path.is_file():
         return None
     for line in reversed(path.read_text(errors="replace").splitlines()):
         line = line.strip()
         if line.startswith("{") and line.endswith("}"):
             try:
-                return json.loads(line)
+                found = json.loads(line)
             except ValueError:
                 continue
+            if key is None or key in found:
+                return found
     return None
 
 
@@ -66,7 +68,8 @@ def summarize(out: Path) -> dict:
         "ok": bool(steps) and all(s["status"] in ("ok", "skipped") for s in steps),
         "total_s": round(sum(s.get("seconds", 0) for s in steps), 1),
         "steps": steps,
-        "env": last_json(out / "env.log"),
+        "env": last_json(out / "env.log", "torch"),
+        "requirements": last_json(out / "env.log", "unmet"),
         "pytest": pytest_line(out / "pytest.log"),
         "bench_gpu": last_json(out / "bench-gpu.log"),
         "bench_eval": last_json(out / "bench-eval.log"),

@@ -90,12 +90,13 @@ class LossConfig(_Model):
     kd: Literal["dynamic", "static", "off"] = Field("dynamic", description=(
         "'dynamic' (lambda(e) from kd_schedule), 'static' (kd_static_weight), or 'off'."))
     kd_schedule: Literal["exp_down", "linear", "sigmoid", "exp_up"] = Field(
-        "exp_down", description="Shape of lambda(e) = kd_weight * shape(e) (trainer.schedules).")
+        "exp_down", description="Shape of lambda(e) = kd_weight * shape(e) (trainer.method.schedules).")
     kd_static_weight: float = Field(0.1, ge=0, description="lambda when kd is 'static'.")
     kd_weight: float = Field(0.1, ge=0, description=(
         "lambda(e) = kd_weight * shape(e) for every shape (the reference's kl_intra_weight)."))
     kd_exp_base: float = Field(0.95, gt=0, le=1, description=(
-        "exp_down: base^e; exp_up: clip(1 - base^e, kd_exp_up_min, 1)."))
+        "exp_down: base^e; exp_up: 0.1 * clip(1 - base^e, kd_exp_up_min, 1) (the reference's "
+        "decay_way 8)."))
     kd_linear_slope: float = Field(0.01, ge=0, description="linear: max(1 - slope e, floor).")
     kd_linear_floor: float = Field(0.05, ge=0, le=1, description="linear: its floor.")
     kd_sigmoid_k: float = Field(800.0, gt=0, description="sigmoid: k / (k + exp(100 e / k)).")

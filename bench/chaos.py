@@ -162,14 +162,14 @@ def main() -> None:
     world = root / "world"
     build_world(world, videos=64, eval_videos=32, pretrain_pairs=0, videos_per_shard=16,
                 seed=args.seed, progress=False)
-    s3, runs = _s3_server()
+    s3, run_storage = _s3_server()
     server = MlflowServer(root / "mlflow", free_port())
     server.start()
     init_ray(None)
     rng = random.Random(args.seed)
     faults: list[dict] = []
     try:
-        _fit(_config(world, runs, server.uri, "calm", args.workers, EPOCHS, args.seed))
+        _fit(_config(world, run_storage, server.uri, "calm", args.workers, EPOCHS, args.seed))
         name, half = "chaos", EPOCHS // 2
         kill_at = rng.randint(3, half * STEPS_PER_EPOCH - 1)   # after the step-2 checkpoint
 
@@ -188,12 +188,12 @@ def main() -> None:
 
         thread = threading.Thread(target=saboteur, daemon=True)
         thread.start()
-        _fit(_config(world, runs, server.uri, name, args.workers, half, args.seed))
+        _fit(_config(world, run_storage, server.uri, name, args.workers, half, args.seed))
         thread.join(timeout=120)
         faults.append({"fault": "corrupt_shard", "shard": _corrupt_one_sample(world / "train")})
         faults.append({"fault": "resume_on_other_worker_count", "from": args.workers,
                        "to": args.resume_workers})
-        full = (world, runs, server.uri, name, args.resume_workers, EPOCHS, args.seed)
+        full = (world, run_storage, server.uri, name, args.resume_workers, EPOCHS, args.seed)
         stop_at = rng.randint(half * STEPS_PER_EPOCH + 1, EPOCHS * STEPS_PER_EPOCH - 2)
         status = _sigterm_driver(_overrides(*full), server.uri, name, stop_at)
         faults.append({"fault": "sigterm_driver", "after_step": stop_at, "exit": status})
@@ -212,7 +212,7 @@ def main() -> None:
         "damaged_samples_seen": max(hist.get("data/bad_samples", {0: 0}).values()),
         "final_test_SumR": round(max(hist.get("test/SumR", {0: 0}).values()), 2),
         "undisturbed_test_SumR": round(max(calm_hist.get("test/SumR", {0: 0}).values()), 2),
-        "run_storage": runs,
+        "run_storage": run_storage,
         "wall_s": round(time.perf_counter() - started, 1), "workdir": str(root)}))
 
 

@@ -86,7 +86,7 @@ def run_demo(out: str | Path = "outputs/demo", small: bool = False) -> int:
     cfg, spec = load_sweep(SWEEP_CONFIG, data + [f"run.storage={out / 'runs'}"] + size["sweep"])
     # Logical CPUs: both trials (2 workers + a driver each) run side by side on any laptop.
     ray_setup.set_env_defaults()
-    ray.init(num_cpus=max(6, os.cpu_count() or 1), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(6, os.cpu_count() or 1), include_dashboard=False,
              configure_logging=False, runtime_env=ray_setup.runtime_env())
     try:
         result = run_sweep(cfg, spec)

@@ -68,7 +68,8 @@ def setup_process() -> None:
         # (the address is what the state API itself looks up).
         if _internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
                             namespace=ray_constants.KV_NAMESPACE_DASHBOARD):
-            os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+            if os.environ.get("RAY_ADDRESS", "auto") in ("", "auto", "local"):
+                os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     except Exception:   # noqa: BLE001 (see the docstring)
         pass
     for name in (CLEANER_LOGGER, RESOURCE_REQUEST_LOGGER):

@@ -8,6 +8,10 @@ Each trial is a Tune function trainable that builds and fits the ``TorchTrainer`
 every evaluation report to Tune. Re-running the same command resumes an interrupted sweep
 (``Tuner.restore``): finished trials are kept, unfinished and errored ones continue from their
 latest checkpoint. MLflow gets one parent run per sweep and one nested child run per trial.
+
+One concern over 400 lines: the driver's life cycle of a sweep (trial configs, the Tune run,
+resume, the MLflow parent run, the best trial's registration); what a sweep *is* (the YAML
+spec, variants, the search space) is launch/jobs/sweep_spec.py.
 """
 from __future__ import annotations
 

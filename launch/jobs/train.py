@@ -188,13 +188,15 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     ray_setup.set_env_defaults()
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address, runtime_env=ray_setup.runtime_env())
     else:
-        # With its dashboard: Ray Train's placement-group cleaner asks the state API (served by
-        # the dashboard) whether the run is alive, and warns every few seconds without it.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 configure_logging=False, runtime_env=ray_setup.runtime_env())
+        # address="local": a cluster of our own, never one that `ray start` left on this
+        # machine (join that with --address). With its dashboard: Ray Train's placement-group
+        # cleaner asks the state API (served by the dashboard) whether the run is alive.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", configure_logging=False,
+                 runtime_env=ray_setup.runtime_env())
 
 
 def run(args: argparse.Namespace):

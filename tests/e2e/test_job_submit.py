@@ -255,7 +255,8 @@ def test_ray_job_submit_of_a_two_trial_sweep(ray_head, tmp_path: Path) -> None:
     # 2 trials x 1 worker (2 x 2 workers do not fit 2 cores in CI time), 1 epoch of 3 steps;
     # the head has 4 CPUs, so both trials (0.5 + 1 CPU each) run at once.
     overrides = [f"data.train={tmp_path / 'world' / 'train'}",
-                 f"data.val={tmp_path / 'world' / 'val'}", f"run.storage={runs}", "loss.kd=off",
+                 f"data.val={tmp_path / 'world' / 'val'}", f"data.test={tmp_path / 'world' / 'test'}",
+                 f"run.storage={runs}", "loss.kd=off",
                  "loss.targets=hard", "dist.num_workers=1", "dist.zero_stage=0",
                  "train.epochs=1", "data.steps_per_epoch=3", "sweep.name=e2e-sweep"]
     # overrides before --config: argparse cannot give `submit ENTRY --config C k=v` its k=v

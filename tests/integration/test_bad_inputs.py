@@ -179,3 +179,25 @@ def test_bad_input_fails_before_any_work(case, world, tmp_path, capsys, no_work)
     assert "Traceback" not in err and message.count("\n") == 2, err[-2000:]
     assert len(message) < 1000, message[:2000]     # no unbounded value is ever quoted
     assert not (tmp_path / "runs").exists(), "a run folder (MLflow store, lease) was made"
+
+
+def test_object_storage_without_credentials_fails_before_any_work(world, tmp_path, capsys,
+                                                                   no_work, monkeypatch):
+    """S3 run storage with no credentials anywhere: preflight's probe write names the key and
+    the cause before the teacher, Ray or a step (it used to fail after a full epoch)."""
+    import s3fs
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_CONFIG_FILE": "/dev/null",
+                       "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()   # no client made with another test's keys
+    argv = _tiny("run.storage=s3://bucket/runs",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")(tmp_path, world)
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "run.storage='s3://bucket/runs': cannot write" in err, err[-2000:]
+    assert "NoCredentialsError" in err and "Traceback" not in err, err[-2000:]

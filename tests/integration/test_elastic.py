@@ -124,7 +124,10 @@ def test_two_workers_resume_on_one_then_three_in_one_mlflow_run(world, tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = tiny_overrides(world, tmp_path, "elastic", **{
         "data.true_epochs": True, "data.steps_per_epoch": 0, "dist.zero_stage": 2,
-        "loss.kd": "off", "loss.targets": "hard", "tracking.uri": uri})
+        "loss.kd": "off", "loss.targets": "hard", "tracking.uri": uri,
+        # hard negatives from epoch 3, after this run: their larger triplet loss in epoch 2
+        # would hide whether the resumed runs go on from the trained weights (the check below)
+        "loss.hard_negative_start_epoch": 3})
     # 96 videos in batches of 16 per worker: 3 steps per epoch on 2 workers, 6 on 1, 2 on 3.
     # address="local": a cluster of its own even when `ray start` runs one on this machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     skip = args.steps  # the first epoch fills the teacher's frame cache
     torch.set_num_threads(2)
     train(cfg("single", 1), use_deepspeed=False)
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     wall = {}
     try:
         for name, workers, cpus in (("ray1", 1, None), ("ray2", 2, None), ("ray1_1cpu", 1, 1)):

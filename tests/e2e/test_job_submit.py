@@ -202,13 +202,13 @@ def ray_head():
     finally:
         if head.poll() is None:
             head.send_signal(signal.SIGINT)  # --block shuts its node down on KeyboardInterrupt
-            try:
-                head.wait(timeout=60)
+            try:   # its graceful stop can take a minute; what is left is killed below
+                head.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 head.kill()
                 head.wait()
         log.close()
-        deadline = time.time() + 30
+        deadline = time.time() + 5
         while _our_processes(temp) and time.time() < deadline:
             time.sleep(1)
         for pid in _our_processes(temp):  # leftovers of this head only

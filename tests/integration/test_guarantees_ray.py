@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ from trainer.infra.reporting import COMPLETE, complete_step
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 60   # 20 epochs of 3 steps: long enough to be signalled mid-run
-RUN = {"train.epochs": 20, "data.steps_per_epoch": 3, "train.log_every": 5,
+STEPS = 36   # 12 epochs of 3 steps: long enough to be signalled mid-run
+RUN = {"train.epochs": 12, "data.steps_per_epoch": 3, "train.log_every": 5,
        "train.ckpt_every": 4, "train.eval_every": STEPS, "train.early_stop": 0,
        "loss.kd": "off", "loss.targets": "hard"}
 _reference: dict[int, float] = {}
@@ -135,61 +134,6 @@ def test_driver_signal_reaches_workers_and_relaunch_resumes_exactly(
     assert max(steps) == STEPS
     after = {s: v for s, v in losses if s > k}
     assert after and all(after[s] == ref[s] for s in after if s in ref), (k, after, ref)
-
-
-def test_elastic_run_grows_to_two_workers_when_a_node_joins(world, tmp_path):
-    """dist.min_workers=1 dist.num_workers=2 on a node with room for one worker: Ray 2.60
-    starts it on 1; a node joins mid-run and, at its next resize check, Ray restarts the group
-    on 2 from the latest checkpoint (re-partitioned), in the same MLflow run."""
-    import ray
-    from mlflow.tracking import MlflowClient
-    from ray.cluster_utils import Cluster
-
-    from launch.jobs.stop import new_flag
-    from launch.jobs.train import build_trainer
-    from trainer.checkpoint import read_client_json
-    from trainer.config import load_config
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config("configs/tiny.yaml", tiny_overrides(world, tmp_path, "grow", **{
-        **RUN, "train.epochs": 200, "train.ckpt_every": 3, "train.log_every": 1,
-        "dist.min_workers": 1, "dist.num_workers": 2, "dist.resize_check_s": 2,
-        "dist.zero_stage": 2, "tracking.uri": uri}))
-    location = storage.run_location(str(tmp_path), "grow")
-
-    def written_by() -> int:
-        step = complete_step(location)
-        return 0 if step is None else read_client_json(
-            Path(location) / f"step-{step:08d}")["world_size"]
-
-    ray.shutdown()   # a cluster of its own: nodes are added to it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        ray.init(address=cluster.address, configure_logging=False)
-        flag, out = new_flag(), {}
-        fit = threading.Thread(target=lambda: out.update(result=build_trainer(cfg, stop=flag).fit()))
-        fit.start()
-        deadline = time.time() + 400
-        while written_by() != 1 and fit.is_alive() and time.time() < deadline:
-            time.sleep(0.3)
-        assert written_by() == 1, "the run did not start on the one worker there is room for"
-        cluster.add_node(num_cpus=1)
-        while written_by() != 2 and fit.is_alive() and time.time() < deadline:
-            time.sleep(0.3)
-        grown = written_by()
-        flag.set.remote(signal.SIGTERM)   # stop it as the driver would, with a checkpoint
-        fit.join(timeout=300)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    assert grown == 2, "Ray did not grow the run when a node with room for a worker joined"
-    assert out["result"].error is None
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("dldkd").experiment_id],
-                                "tags.`dldkd.run_key` = 'grow'")
-    assert run.data.tags["dldkd.world_size"] == "2" and run.info.status == "KILLED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps.count(1) == 1 and max(steps) > 3, steps
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -27,7 +27,7 @@ def chance_sumr(videos: int) -> float:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -285,7 +285,7 @@ def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> Non
     config = tmp_path / "sweep.yaml"
     config.write_text(textwrap.dedent(SWEEP_YAML).replace("STORAGE", str(tmp_path / "runs"))
                       .replace("VAL", str(world / "val")))
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         cfg, spec = sweep_spec.load_sweep(config, [f"data.train={tmp_path / 'missing'}"])
         with pytest.raises(RuntimeError, match="no trial reported val/SumR"):

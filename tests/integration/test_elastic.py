@@ -130,6 +130,7 @@ def test_two_workers_resume_on_one_then_three_in_one_mlflow_run(world, tmp_path)
         "loss.hard_negative_start_epoch": 3})
     # 96 videos in batches of 16 per worker: 3 steps per epoch on 2 workers, 6 on 1, 2 on 3.
     # address="local": a cluster of its own even when `ray start` runs one on this machine.
+    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     try:
         failed = []

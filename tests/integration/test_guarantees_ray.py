@@ -26,8 +26,8 @@ from trainer.infra.reporting import COMPLETE, complete_step
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 36   # 12 epochs of 3 steps: long enough to be signalled mid-run
-RUN = {"train.epochs": 12, "data.steps_per_epoch": 3, "train.log_every": 5,
+STEPS = 30   # 10 epochs of 3 steps, a log step at the end: long enough to be signalled mid-run
+RUN = {"train.epochs": 10, "data.steps_per_epoch": 3, "train.log_every": 5,
        "train.ckpt_every": 4, "train.eval_every": STEPS, "train.early_stop": 0,
        "loss.kd": "off", "loss.targets": "hard"}
 _reference: dict[int, float] = {}

@@ -23,6 +23,7 @@ def test_two_node_cluster(world, tmp_path):
                       head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1"})
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.2")
     try:
+        ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
         ray.init(address=cluster.address)
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         cfg = load_config("configs/tiny.yaml", tiny_overrides(
@@ -67,6 +68,7 @@ def test_losing_a_node_mid_run_finishes_on_the_remaining_one(world, tmp_path):
     doomed = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
     steps, epochs = 6, 3
     try:
+        ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
         ray.init(address=cluster.address)
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         cfg = load_config("configs/tiny.yaml", tiny_overrides(

@@ -167,6 +167,7 @@ def test_two_workers_on_object_storage_survive_a_killed_worker(world, s3_world, 
 
     # Started here, after the S3 variables are set: a local cluster's workers inherit them.
     # address="local": a cluster of its own even when `ray start` runs one on this machine.
+    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     try:
         thread = threading.Thread(target=killer, daemon=True)

@@ -27,6 +27,7 @@ def chance_sumr(videos: int) -> float:
 def ray_local():
     import ray
 
+    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()

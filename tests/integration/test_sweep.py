@@ -285,6 +285,7 @@ def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> Non
     config = tmp_path / "sweep.yaml"
     config.write_text(textwrap.dedent(SWEEP_YAML).replace("STORAGE", str(tmp_path / "runs"))
                       .replace("VAL", str(world / "val")))
+    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         cfg, spec = sweep_spec.load_sweep(config, [f"data.train={tmp_path / 'missing'}"])
@@ -354,6 +355,7 @@ def test_asha_stops_a_trial_on_an_evaluation_without_a_checkpoint(world: Path,
                       .replace("TRAIN", str(world / "train")).replace("VAL", str(world / "val")))
     cfg, spec = sweep_spec.load_sweep(config, [])
     assert cfg.train.ckpt_every == 2 * cfg.train.eval_every
+    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         result = sweep.run_sweep(cfg, spec)

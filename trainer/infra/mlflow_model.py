@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from importlib import metadata
@@ -28,6 +29,24 @@ CHECKPOINT = "checkpoint"   # the model's artifact folder: a best/ folder's file
 CODE = Path(__file__).with_name("student_pyfunc.py")
 FILES = ("student.pt", "config.yaml", "metrics.json", "test_report.json")
 URI_SCHEMES = ("models:/", "runs:/")
+# The tracker keeps MLflow's HTTP calls short while training (a slow server must not stall the
+# steps: failures are spooled); publishing happens once, after the run, and may wait.
+PATIENT = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "120", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5"}
+
+
+@contextlib.contextmanager
+def patient_http() -> Iterator[None]:
+    """MLflow's HTTP timeout and retries at their patient values, for this block only."""
+    saved = {k: os.environ.get(k) for k in PATIENT}
+    os.environ.update(PATIENT)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def requirements() -> list[str]:
@@ -133,17 +152,20 @@ def publish(tracker, folder: Path, tracking_cfg, step: int) -> None:
         log.warning("no MLflow run to log the model to (MLflow was unreachable)")
         return
     try:
-        with_test = tested(tracker.uri, tracker.run_id, step)
-        model_id = log_model(tracker.uri, tracker.run_id, folder, step, with_test)
-        log.info("logged the best weights as MLflow model %s of run %s", model_id, tracker.run_id)
-        if tracking_cfg.registered_model:
-            register(tracker.uri, model_id, tracker.run_id, tracking_cfg.registered_model,
-                     tracking_cfg.model_alias, with_test)
+        with patient_http():
+            with_test = tested(tracker.uri, tracker.run_id, step)
+            model_id = log_model(tracker.uri, tracker.run_id, folder, step, with_test)
+            log.info("logged the best weights as MLflow model %s of run %s", model_id,
+                     tracker.run_id)
+            if tracking_cfg.registered_model:
+                register(tracker.uri, model_id, tracker.run_id, tracking_cfg.registered_model,
+                         tracking_cfg.model_alias, with_test)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail training
         log.warning("could not log or register the MLflow model of %s: %s: %s", folder,
                     type(exc).__name__, str(exc)[:500])
 
 
+@patient_http()
 def register_run(uri: str, experiment: str, run_key: str, name: str, alias: str) -> str:
     """Register the newest model that the run named ``run_key`` logged (a sweep's best trial);
     the alias follows when the run has test metrics."""

@@ -45,7 +45,7 @@ test-gpu: $(STAMP)
 
 # An air-gapped GPU node with a fixed PyTorch image (docs/benchmarks.md, "GPU"): the cp312 wheels
 # it lacks, into gpu-bundle/; then `bash tools/gpu-check.sh` there. gpu-check-dry runs that
-# script here on the CPU (CUDA steps skipped), then again with a 45 s budget, which must stop
+# script here on the CPU (CUDA steps skipped), then again with a 20 s budget, which must stop
 # a step and still write summary.json.
 gpu-bundle: $(STAMP)
 	$(PY) tools/gpu_bundle.py
@@ -56,7 +56,7 @@ gpu-bundle/bundle.json: $(STAMP) constraints.txt tools/gpu_bundle.py
 gpu-check-dry: gpu-bundle/bundle.json
 	rm -rf .cache/gpu-check-dry .cache/gpu-check-guard
 	GPU_CHECK_DRY=1 OUT=.cache/gpu-check-dry bash tools/gpu-check.sh
-	! GPU_CHECK_DRY=1 GPU_CHECK_BUDGET_S=45 OUT=.cache/gpu-check-guard bash tools/gpu-check.sh
+	! GPU_CHECK_DRY=1 GPU_CHECK_BUDGET_S=20 OUT=.cache/gpu-check-guard bash tools/gpu-check.sh
 	$(PY) -c "import json; s = json.load(open('.cache/gpu-check-guard/summary.json')); \
 	  cut = [x['name'] for x in s['steps'] if x['status'] in ('timeout', 'skipped-out-of-time')]; \
 	  assert cut, s['steps']; print('time guard stopped or skipped:', cut)"

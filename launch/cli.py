@@ -165,13 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--small", action="store_true", help="reduced size (CI)")
 
     report = sub.add_parser("report", help="Markdown report of a sweep from MLflow",
-                            description="Ablation table (mean +- std over seeds), teacher-quality "
-                            "plot, training curves, compute cost; logged to the parent run.")
+                            description="Ablation table (mean +- std over seeds), the sweep's "
+                            "claims with their 95%% CIs and a power table (seeds needed), "
+                            "teacher-quality plot, training curves, compute cost; logged to the "
+                            "parent run.")
     group = report.add_mutually_exclusive_group(required=True)
     group.add_argument("--sweep", help="sweep name (the MLflow parent run)")
     group.add_argument("--experiment", help="an MLflow experiment name")
     report.add_argument("--tracking-uri", default=None)
     report.add_argument("--out", default=None, help="report folder")
+    report.add_argument("--resolve", type=float, default=2.0, metavar="SUMR",
+                        help="the SumR difference the power table plans paired seeds for: "
+                        "seeds for a 95%% CI half-width of SUMR (default 2)")
     return parser
 
 

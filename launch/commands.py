@@ -201,8 +201,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     _local_only("--out", args.out, "report", "a folder")
 
+    if not args.resolve > 0:
+        raise ValueError(f"--resolve {args.resolve:g}: the SumR difference to plan for must be "
+                          "> 0 (e.g. --resolve 2)")
     path = write_report(sweep=args.sweep, experiment=args.experiment,
-                        tracking_uri=args.tracking_uri, out=args.out)
+                        tracking_uri=args.tracking_uri, out=args.out, resolve=args.resolve)
     print(f"report: {path}")
     return 0
 

@@ -33,8 +33,9 @@ from typing import Any, Callable
 from launch.jobs.stop import DriverStop, poll
 from launch.report.render import params_text, plot_curves, trials_table
 from launch.report.stats import trial_curves, trial_rows
-from launch.jobs.sweep_spec import (CLAIMS_PARAM, VARIANT_KEY, VARIANT_PARAM, SweepSpec, load_sweep,
-                               search_algorithm, tune_space)
+from launch.jobs.sweep_spec import (CLAIMS_PARAM, VARIANT_KEY, VARIANT_PARAM, SweepSpec,
+                                    flat_values, grid_axes, grid_points, load_sweep,
+                                    point_space, search_algorithm, tune_space)
 from sharding.files import write_atomic
 from trainer.config import Config, ConfigError, apply_overrides, from_dict
 from trainer.infra.storage import endpoint_env, is_remote, local_run_dir
@@ -118,14 +119,16 @@ def trial_config(base: dict, values: dict[str, Any], *, sweep: str, trial_id: st
                  variants: dict[str, dict] | None = None) -> Config:
     """The run config of one trial: the base config, its variant's bundle, the sampled values
     and its identity."""
-    values = dict(values)
+    values = flat_values(values)
     variant = values.pop(VARIANT_KEY, None)
     tree = copy.deepcopy(base)
     if variant is not None:
         if variant not in (variants or {}):
             raise ConfigError(f"trial {trial_id}: variant {variant!r} is not in sweep.variants "
                               f"{sorted(variants or {})}")
-        apply_overrides(tree, dict(variants[variant]))
+        # A variant's own grid values (a dict domain) reach the trial through ``values``.
+        apply_overrides(tree, {k: v for k, v in variants[variant].items()
+                               if not isinstance(v, dict)})
     apply_overrides(tree, values)
     apply_overrides(tree, {"run.name": trial_run_name(sweep, trial_id), "run.storage": storage,
                            "tracking.uri": uri, "tracking.parent_run_id": parent_run_id,
@@ -150,7 +153,7 @@ def _trial(values: dict, *, base: dict, sweep: str, storage: str, uri: str,
         os.chdir(cwd)
     cfg = trial_config(base, values, sweep=sweep, trial_id=tune.get_context().get_trial_id(),
                        storage=storage, uri=uri, parent_run_id=parent_run_id, variants=variants)
-    label_trial_run(cfg, values.get(VARIANT_KEY), teacher_eval_dir)
+    label_trial_run(cfg, flat_values(values).get(VARIANT_KEY), teacher_eval_dir)
     build_trainer(cfg, name=cfg.run.name, callbacks=[TuneReportCallback()], env=env,
                   stop=stop).fit()
     if stop is not None and poll(stop):
@@ -205,14 +208,44 @@ def teacher_quality(cfg: Config, cache: Path) -> dict[str, float]:
     return metrics
 
 
-def open_tuner(path: str, trainable: Callable, make_new: Callable[[], Any]) -> tuple[Any, bool]:
-    """Restore the experiment at ``path`` if one is there, else start a new one."""
+def segment_path(path: str, index: int) -> str:
+    """The experiment folder of a sweep's ``index``-th part: the sweep's own folder first, then
+    ``<name>.part2``... for the trial points added to it later."""
+    return path if index == 1 else f"{path}.part{index}"
+
+
+def point_key(values: dict[str, Any], axes: list[str]) -> str:
+    """A trial's place in the grid (variant and grid axes), comparable across parts."""
+    flat = flat_values(values)
+    return json.dumps({k: flat.get(k) for k in (*axes, VARIANT_KEY)}, sort_keys=True, default=str)
+
+
+def open_tuners(path: str, trainable: Callable[[str], Any], make_new: Callable[..., Any],
+                spec: SweepSpec) -> tuple[list[Any], bool]:
+    """The sweep's parts: each stored part restored (its unfinished and errored trials resume),
+    plus a new part holding the grid points no stored part has; a sweep seen for the first time
+    is one new part. Extending a grid (more seeds, another variant) therefore runs only the new
+    trials."""
     from ray import tune
 
-    if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True,
-                                  resume_errored=True), True
-    return make_new(), False
+    tuners, seen, index = [], set(), 1
+    axes = grid_axes(spec)
+    while tune.Tuner.can_restore(segment_path(path, index)):
+        part = segment_path(path, index)
+        tuner = tune.Tuner.restore(part, trainable(part), resume_unfinished=True,
+                                   resume_errored=True)
+        seen |= {point_key(r.config or {}, axes) for r in tuner.get_results()}
+        tuners.append(tuner)
+        index += 1
+    if not tuners:
+        return [make_new(path)], False
+    if spec.search_alg == "grid":
+        new = [p for p in grid_points(spec) if point_key(p, axes) not in seen]
+        if new:
+            log.info("sweep %s: %d new trial point(s) beyond the stored %d; they run in %s",
+                     spec.name, len(new), len(seen), segment_path(path, index))
+            tuners.append(make_new(segment_path(path, index), point_space(new)))
+    return tuners, True
 
 
 # ------------------------------------------------------------------------------ the sweep
@@ -286,14 +319,16 @@ def run_sweep(cfg: Config, spec: SweepSpec, stop=None) -> SweepResult:
     limit = concurrent_trials(ray.cluster_resources(), demand, spec.max_concurrent)
     log.info("sweep %s: %s per trial, up to %d concurrent trial(s); experiment %s; MLflow %s "
              "(parent run %s)", spec.name, demand, limit, path, uri, parent_id or "-")
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), sweep=spec.name,
-                             storage=f"{path}/trials", uri=uri, parent_run_id=parent_id,
-                             variants=spec.variants,
-                             teacher_eval_dir=str(report_dir(cfg, spec) / "teacher-eval")
-                             if spec.teacher_eval else None, cwd=os.getcwd(),
-                             env=endpoint_env(), stop=stop.flag if stop else None),
-        {"CPU": spec.trial_cpus})
+
+    def trainable(part: str):
+        return tune.with_resources(
+            tune.with_parameters(_trial, base=cfg.to_dict(), sweep=spec.name,
+                                 storage=f"{part}/trials", uri=uri, parent_run_id=parent_id,
+                                 variants=spec.variants,
+                                 teacher_eval_dir=str(report_dir(cfg, spec) / "teacher-eval")
+                                 if spec.teacher_eval else None, cwd=os.getcwd(),
+                                 env=endpoint_env(), stop=stop.flag if stop else None),
+            {"CPU": spec.trial_cpus})
     if spec.scheduler.type == "asha":
         # stop_last_trials=False: a trial that reaches max_t finishes by itself (test split,
         # best weights, MLflow) instead of being stopped at its last report.
@@ -304,21 +339,29 @@ def run_sweep(cfg: Config, spec: SweepSpec, stop=None) -> SweepResult:
     else:
         scheduler = FIFOScheduler()
 
-    def new_tuner():
+    def new_tuner(part: str, points: dict | None = None):
+        param_space = space if points is None else {
+            **{k: v for k, v in space.items() if k in spec.space and k not in grid_axes(spec)},
+            **points}
         return tune.Tuner(
-            trainable, param_space=space,
+            trainable(part), param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                 scheduler=scheduler,
                 search_alg=search_algorithm(spec, limit),
                 trial_name_creator=functools.partial(_trial_name, spec.name),
                 trial_dirname_creator=functools.partial(_trial_name, spec.name)),
-            run_config=tune.RunConfig(name=spec.name, storage_path=storage_path(cfg)))
+            run_config=tune.RunConfig(name=part.rsplit("/", 1)[-1],
+                                      storage_path=storage_path(cfg)))
 
-    tuner, resumed = open_tuner(path, trainable, new_tuner)
+    tuners, resumed = open_tuners(path, trainable, new_tuner, spec)
     if resumed:
         log.info("resuming sweep %s from %s", spec.name, path)
-    grid = tuner.fit()
+    grid = []
+    for tuner in tuners:
+        grid.extend(tuner.fit())
+        if stop is not None and stop.signum is not None:
+            break
 
     histories: dict[str, list[dict]] = {}
     params: dict[str, dict] = {}
@@ -327,7 +370,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, stop=None) -> SweepResult:
         label = Path(result.path).name
         frame = result.metrics_dataframe
         histories[label] = frame.to_dict("records") if frame is not None else []
-        params[label] = {k: v for k, v in (result.config or {}).items()
+        params[label] = {k: v for k, v in flat_values(result.config or {}).items()
                          if k in spec.space or k == VARIANT_KEY}
         if result.error is not None:
             errors.append(f"{label}: {type(result.error).__name__}: {result.error}")

@@ -13,13 +13,18 @@ The YAML holds a run config plus a ``sweep:`` section (docs/sweeps.md)::
       space:
         optim.lr: {loguniform: [1.0e-4, 1.0e-3]}
         loss.targets: {choice: [soft, hard]}
-        train.seed: {grid: [1, 2]}
+        train.seed: {range: [1, 4]}   # integers 1 to 4, both ends included: a grid axis
       variants:                   # optional: one more grid axis of named override bundles
         dldkd: {loss.targets: hard}
-        dldkdpp: {loss.targets: soft}
+        dldkdpp: {loss.targets: soft, train.seed: {range: [1, 8]}}   # its own seeds
       claims:                     # optional: paired comparisons `dldkd report` tests
         kd_helps: {better: dldkdpp, worse: dldkd}
       teacher_eval: false         # log the teacher's zero-shot val metrics on each child run
+
+A variant may give a grid axis of the space its own values (``train.seed: {range: [1, 8]}``):
+claims that need more paired seeds extend only the variants they compare. The grid is then a
+list of trial points (``grid_points``), and adding points to a finished sweep runs only the new
+ones (launch/jobs/sweep.py).
 
 It is checked here, before a cluster is touched: every key must be a config key, and every value
 a domain can produce must give a valid config.
@@ -27,6 +32,7 @@ a domain can produce must give a valid config.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +45,15 @@ SCHEDULERS = ("asha", "fifo")
 SEARCH_ALGS = ("random", "grid", "optuna")
 # Domain name -> number of YAML arguments (None: a non-empty list of values).
 DOMAINS: dict[str, int | None] = {"uniform": 2, "quniform": 3, "loguniform": 2, "randint": 2,
-                                  "choice": None, "grid": None}
+                                  "choice": None, "grid": None, "range": 2}
+# Domains that are grid axes under search_alg grid (range: integers low..high, both included).
+GRID_DOMAINS = ("grid", "choice", "range")
+MAX_RANGE = 10_000
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The Tune parameter holding a trial's variant name, and the MLflow params the sweep adds.
 VARIANT_KEY = "variant"
+# The Tune parameter holding a trial's grid point when the grid is not a full product.
+POINT_KEY = "point"
 VARIANT_PARAM = "sweep.variant"
 CLAIMS_PARAM = "sweep.claims"   # on the parent run: what `dldkd report` tests
 # Keys a sweep must not vary: they are each trial's identity, set by the sweep (a trial registers
@@ -84,7 +95,7 @@ class SweepSpec:
     # teacher/* metrics on the trial's run (teacher-quality studies; cached per teacher).
     teacher_eval: bool = False
     # Claim name -> {better: variant, worse: variant, series: optional plot series}: the paired
-    # comparisons `dldkd report` tests (difference in SumR by seed, bootstrap 95% CI, verdict).
+    # comparisons `dldkd report` tests (difference in SumR by seed, t 95% CI, verdict, power).
     claims: dict[str, dict] = field(default_factory=dict)
 
 
@@ -193,18 +204,29 @@ def check_variants(variants: Any, space: dict, cfg: Config) -> None:
             raise ConfigError(f"{where} must be a mapping of config keys to values, e.g. "
                               f"{{loss.kd: 'off'}}; got {bundle!r}")
         fixed = sorted(set(bundle) & set(IDENTITY_KEYS))
-        shared = sorted(set(bundle) & set(space))
+        axes = {k: v for k, v in bundle.items() if k in space and isinstance(v, dict)}
+        shared = sorted(set(bundle) & set(space) - set(axes))
         if fixed or shared:
             raise ConfigError(f"{where} sets {fixed or shared}, which "
                               + ("the sweep sets for each trial" if fixed else
                                  "sweep.space also varies; set each key in one place"))
+        for key, domain in axes.items():
+            if next(iter(space[key]), None) not in GRID_DOMAINS:
+                raise ConfigError(f"{where}.{key}: only a grid axis of sweep.space (grid, choice "
+                                  f"or range) can take a variant's own values; "
+                                  f"sweep.space.{key} is {space[key]!r}")
+            build_space({key: domain}, cfg, f"{where}.{key}")
+            if next(iter(domain)) not in GRID_DOMAINS:
+                raise ConfigError(f"{where}.{key} must be a grid, choice or range domain, got "
+                                  f"{domain!r}")
+        plain = {k: v for k, v in bundle.items() if k not in axes}
         try:
-            from_dict(apply_overrides(copy.deepcopy(tree), dict(bundle)))
+            from_dict(apply_overrides(copy.deepcopy(tree), plain))
         except ConfigError as exc:
             raise ConfigError(f"{where} gives an invalid config: {exc}") from None
 
 
-def build_space(space: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def build_space(space: dict[str, Any], cfg: Config, prefix: str = "") -> dict[str, Any]:
     """YAML domains -> Tune domains, each key checked against the config and its values tried.
 
     Every value a domain can produce at its ends (bounds, choices, grid values) is put into the
@@ -214,7 +236,7 @@ def build_space(space: dict[str, Any], cfg: Config) -> dict[str, Any]:
     tree = cfg.to_dict()
     out: dict[str, Any] = {}
     for key, spec in space.items():
-        where = f"sweep.space.{key}"
+        where = prefix or f"sweep.space.{key}"
         if key not in known:
             from difflib import get_close_matches
 
@@ -235,12 +257,14 @@ def build_space(space: dict[str, Any], cfg: Config) -> dict[str, Any]:
         if arity is not None:
             if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
                 raise ConfigError(f"{where}: {kind} bounds must be numbers, got {args!r}")
-            if not args[0] < args[1]:
+            if not (args[0] <= args[1] if kind == "range" else args[0] < args[1]):
                 raise ConfigError(f"{where}: {kind} needs low < high, got {args!r}")
             if kind == "loguniform" and args[0] <= 0:
                 raise ConfigError(f"{where}: loguniform needs low > 0, got {args!r}")
-            if kind == "randint" and not all(isinstance(a, int) for a in args):
-                raise ConfigError(f"{where}: randint bounds must be integers, got {args!r}")
+            if kind in ("randint", "range") and not all(isinstance(a, int) for a in args):
+                raise ConfigError(f"{where}: {kind} bounds must be integers, got {args!r}")
+            if kind == "range" and args[1] - args[0] >= MAX_RANGE:
+                raise ConfigError(f"{where}: range {args!r} holds more than {MAX_RANGE} values")
         # randint's high is exclusive; the last value it can give is high - 1.
         ends = args if arity is None else (
             [args[0], args[1] - 1] if kind == "randint" else args[:2])
@@ -254,25 +278,86 @@ def build_space(space: dict[str, Any], cfg: Config) -> dict[str, Any]:
     return out
 
 
+def axis_values(domain: dict) -> list:
+    """The values of a grid axis (``grid``, ``choice`` or ``range``) in order."""
+    (kind, args), = domain.items()
+    return list(range(args[0], args[1] + 1)) if kind == "range" else list(args)
+
+
+def grid_axes(spec: SweepSpec) -> list[str]:
+    """The space keys that are grid axes (every key under ``search_alg: grid``; only the
+    ``grid`` and ``range`` keys otherwise)."""
+    kinds = GRID_DOMAINS if spec.search_alg == "grid" else ("grid", "range")
+    return [k for k, v in spec.space.items() if next(iter(v)) in kinds]
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every trial's grid values (variant, then each grid axis, a variant's own values where it
+    gives them), ordered axis by axis with the variant fastest: seed 1 of every variant before
+    seed 2, so an interrupted sweep has its pairs complete."""
+    axes = grid_axes(spec)
+    points = []
+    for index, name in enumerate(spec.variants or [None]):
+        bundle = spec.variants.get(name, {}) if name else {}
+        values = [axis_values(bundle[k] if isinstance(bundle.get(k), dict) else spec.space[k])
+                  for k in axes]
+        for combo in itertools.product(*values):
+            point = dict(zip(axes, combo))
+            if name is not None:
+                point[VARIANT_KEY] = name
+            points.append((combo, index, point))
+    points.sort(key=lambda p: (tuple(_order(v) for v in p[0]), p[1]))
+    return [p for _, _, p in points]
+
+
+def _order(value: Any) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def is_product(spec: SweepSpec) -> bool:
+    """True when no variant gives an axis its own values: the grid is axes x variants."""
+    return not any(isinstance(v, dict) for b in spec.variants.values() for v in b.values())
+
+
+def point_space(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """A grid that is a list of points, not a product: one grid axis over the points."""
+    return {POINT_KEY: _domain("grid", points)}
+
+
+def flat_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A trial's Tune config with its grid point (if any) spread into plain keys."""
+    values = dict(values)
+    values.update(values.pop(POINT_KEY, None) or {})
+    return values
+
+
 def tune_space(spec: SweepSpec, cfg: Config) -> dict[str, Any]:
     """The Tune ``param_space``; with ``search_alg: grid``, every choice becomes a grid axis.
 
-    Variants are a grid axis (``variant``: their names), crossed with the other keys. Optuna
+    Variants are a grid axis (``variant``: their names), crossed with the other keys; when a
+    variant gives an axis its own values, the grid is the list of ``grid_points``. Optuna
     samples every key, so with ``search_alg: optuna`` grid keys and variants are categoricals.
     """
     space = build_space(spec.space, cfg)
     if spec.search_alg == "optuna":
-        grids = {k: _domain("choice", v["grid"]) for k, v in spec.space.items() if "grid" in v}
+        if not is_product(spec):
+            raise ConfigError("a variant's own grid values (e.g. its own train.seed range) need "
+                              "search_alg grid or random; optuna samples every key")
+        grids = {k: _domain("choice", axis_values(v)) for k, v in spec.space.items()
+                 if next(iter(v)) in ("grid", "range")}
         variants = {VARIANT_KEY: _domain("choice", list(spec.variants))} if spec.variants else {}
         return {**space, **grids, **variants}
+    if spec.search_alg == "grid":
+        continuous = [k for k, v in spec.space.items() if next(iter(v)) not in GRID_DOMAINS]
+        if continuous:
+            raise ConfigError(f"sweep.search_alg=grid needs grid, choice or range domains; "
+                              f"{continuous} are continuous (use search_alg: random)")
+    axes = grid_axes(spec)
+    sampled = {k: v for k, v in space.items() if k not in axes}
+    if not is_product(spec):
+        return {**sampled, **point_space(grid_points(spec))}
     variants = {VARIANT_KEY: _domain("grid", list(spec.variants))} if spec.variants else {}
-    if spec.search_alg != "grid":
-        return {**space, **variants}
-    continuous = [k for k, v in spec.space.items() if next(iter(v)) not in ("grid", "choice")]
-    if continuous:
-        raise ConfigError(f"sweep.search_alg=grid needs grid or choice domains; {continuous} "
-                          "are continuous (use search_alg: random)")
-    return {**{k: _domain("grid", next(iter(v.values()))) for k, v in spec.space.items()},
+    return {**sampled, **{k: _domain("grid", axis_values(spec.space[k])) for k in axes},
             **variants}
 
 
@@ -298,8 +383,8 @@ def _domain(kind: str, args: list):
 
     if kind == "choice":
         return tune.choice(args)
-    if kind == "grid":
-        return tune.grid_search(args)
+    if kind in ("grid", "range"):
+        return tune.grid_search(axis_values({kind: args}))
     return getattr(tune, kind)(*args)
 
 

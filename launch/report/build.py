@@ -14,7 +14,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from launch.report.claims import ClaimResult
+from launch.report.claims import RESOLVE_SUMR, ClaimResult
 from launch.report.runs import ReportError, experiment_runs, read_run, sweep_runs
 from launch.report.render import plot_curves, plot_kd_gain, plot_teacher_quality, render
 from launch.report.stats import assign_labels, claim_results, mean_curves, teacher_series
@@ -24,8 +24,10 @@ from trainer.config import load_config
 
 
 def write_report(sweep: str | None = None, experiment: str | None = None,
-                 tracking_uri: str | None = None, out: str | Path | None = None) -> Path:
+                 tracking_uri: str | None = None, out: str | Path | None = None,
+                 resolve: float = RESOLVE_SUMR) -> Path:
     """Write ``report.md``, ``teacher_quality.png`` and ``curves.png``; return the report's path.
+    ``resolve``: the SumR difference the power table plans seeds for.
 
     The store is ``tracking_uri``, else what a config loaded here would log to
     ($MLFLOW_TRACKING_URI).
@@ -69,7 +71,7 @@ def write_report(sweep: str | None = None, experiment: str | None = None,
         claims = claim_results(records, json.loads(parent.data.params[CLAIMS_PARAM]))
         plots["kd_gain"] = plot_kd_gain(claims, records, folder / "kd_gain.png")
     path = folder / "report.md"
-    write_atomic(path, render(title, header, records, plots, note, claims))
+    write_atomic(path, render(title, header, records, plots, note, claims, resolve))
     if parent is not None:
         for p in (path, *(p for p in plots.values() if p)):
             client.log_artifact(parent.info.run_id, str(p), "report")

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from launch.report.claims import ClaimResult
+from launch.report.claims import RESOLVE_SUMR, ClaimResult
 from launch.report.runs import SCORES, RunRecord
 from launch.report.stats import (ablation_rows, by_teacher, groups, mean_std, score, short_path,
                                  source_of, teacher_series, teacher_sumr_of)
@@ -99,7 +99,7 @@ def plot_kd_gain(results: list[ClaimResult], records: list[RunRecord], path: Pat
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
     ax.axhline(0, color="grey", linestyle=":")
     ax.set_xlabel("teacher zero-shot SumR (val)")
-    ax.set_ylabel("paired SumR gain (mean, 95% bootstrap CI)")
+    ax.set_ylabel("paired SumR gain (mean, 95% t CI)")
     ax.set_title("KD gain against teacher quality")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -116,7 +116,7 @@ def _pm(cell: tuple[float, float] | None) -> str:
 
 
 def _num(v: float | None, fmt: str = ".1f") -> str:
-    return "-" if v is None else format(v, fmt)
+    return "-" if v is None or v != v else format(v, fmt)
 
 
 def ablation_table(rows: list[dict]) -> str:
@@ -152,7 +152,24 @@ def claims_table(results: list[ClaimResult], records: list[RunRecord]) -> str:
     for r in results:
         t = teacher_sumr_of(records, r.better)
         lines.append(f"| {r.name} | {r.better} | {r.worse} | {_num(t)} | {len(r.seeds)} | "
-                     f"{r.mean:+.1f} | [{r.low:+.1f}, {r.high:+.1f}] | {r.verdict} |")
+                     f"{r.mean:+.1f} | {_ci(r.low, r.high)} | {r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ci(low: float, high: float) -> str:
+    return "-" if low != low else f"[{low:+.1f}, {high:+.1f}]"
+
+
+def power_table(results: list[ClaimResult], resolve: float) -> str:
+    """Each claim's paired spread, the half-width its seeds reached, and the seeds a 95% CI
+    half-width of ``resolve`` SumR needs at that spread (launch/report/claims.py)."""
+    lines = ["| claim | seeds | sd of the paired difference | 95% CI half-width | "
+             f"seeds for a half-width of {resolve:g} |", "|---|---|---|---|---|"]
+    for r in results:
+        need = r.seeds_needed(resolve)
+        need_cell = "-" if len(r.seeds) < 2 else str(need) if need else "more than 10,000"
+        lines.append(f"| {r.name} | {len(r.seeds)} | {_num(r.sd)} | {_num(r.half_width)} | "
+                     f"{need_cell} |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,7 +237,8 @@ def _val_is_test_note(records: list[RunRecord]) -> list[str]:
 
 
 def render(title: str, header: list[str], records: list[RunRecord], plots: dict[str, Path | None],
-           teacher_note: str, claims: list[ClaimResult] = ()) -> str:
+           teacher_note: str, claims: list[ClaimResult] = (), resolve: float = RESOLVE_SUMR
+           ) -> str:
     series, base = teacher_series(records)
     scored = [r for r in records if r.scored]
     parts = [f"# {title}", "", *header, "",
@@ -232,11 +250,18 @@ def render(title: str, header: list[str], records: list[RunRecord], plots: dict[
     if claims:
         parts += ["## Claims", "", claims_table(claims, records),
                   "Paired by seed: the SumR difference better - worse of each seed both variants "
-                  "ran; 95% CI: percentile bootstrap of the mean over seeds (10,000 draws). A "
-                  "claim holds when the whole CI is above 0, is reversed when it is below 0, and "
-                  "is not separable at this power otherwise.", ""]
+                  "ran; 95% CI: Student t on the paired differences (mean ± t(n-1) · sd / √n). "
+                  "A claim holds when the whole CI is above 0, is reversed when it is below 0, "
+                  "and otherwise the data rule out only a difference larger than the CI's "
+                  "farther end.", ""]
         if plots.get("kd_gain"):
             parts += [f"![KD gain against teacher quality]({plots['kd_gain'].name})", ""]
+        parts += ["## Power", "", power_table(claims, resolve),
+                  f"Seeds for a half-width of {resolve:g}: the fewest paired seeds n with "
+                  f"t(n-1) · sd / √n ≤ {resolve:g}, if the paired spread stays at the sd "
+                  "measured here. A claim is extended by giving its two variants more seeds "
+                  "(`train.seed: {range: [1, N]}` in their bundles); the rerun of the sweep "
+                  "runs only the new trials.", ""]
     parts += ["## Teacher quality", ""]
     if plots.get("teacher"):
         parts += [f"![teacher quality]({plots['teacher'].name})", "", teacher_table(series, base)]

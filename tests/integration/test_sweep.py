@@ -180,11 +180,37 @@ def test_trial_config_applies_values_and_a_stable_identity() -> None:
     assert cfg.tracking.registered_model == ""  # trials register nothing: the sweep registers
 
 
-def test_open_tuner_starts_new_without_an_experiment(tmp_path: Path) -> None:
+def test_open_tuners_starts_new_without_an_experiment(tmp_path: Path) -> None:
     made = []
-    tuner, resumed = sweep.open_tuner(str(tmp_path / "none"), lambda c: None,
-                                      lambda: made.append(1) or "new")
-    assert (tuner, resumed, made) == ("new", False, [1])
+    spec = sweep_spec.parse_sweep({"search_alg": "grid", "space": {"train.seed": {"range": [1, 2]}}},
+                                  tiny())
+    tuners, resumed = sweep.open_tuners(str(tmp_path / "none"), lambda part: None,
+                                        lambda part, points=None: made.append(part) or "new", spec)
+    assert (tuners, resumed, made) == (["new"], False, [str(tmp_path / "none")])
+
+
+def test_a_variant_gives_its_own_seeds_and_the_grid_is_their_points() -> None:
+    spec = sweep_spec.parse_sweep({
+        "search_alg": "grid", "space": {"train.seed": {"range": [1, 2]}},
+        "variants": {"a": {"loss.targets": "hard"},
+                     "b": {"loss.targets": "soft", "train.seed": {"range": [1, 4]}}},
+        "claims": {"c": {"better": "b", "worse": "a"}}}, tiny())
+    points = sweep_spec.grid_points(spec)
+    # seed-major, the variants in their YAML order within a seed; b alone past seed 2
+    assert [(p["train.seed"], p["variant"]) for p in points] == [
+        (1, "a"), (1, "b"), (2, "a"), (2, "b"), (3, "b"), (4, "b")]
+    assert sweep_spec.tune_space(spec, tiny()) == {"point": {"grid_search": points}}
+    cfg = sweep.trial_config(tiny().to_dict(), {"point": points[5]}, sweep="s", trial_id="t",
+                             storage="/r", uri="u", parent_run_id="p", variants=spec.variants)
+    assert (cfg.train.seed, cfg.loss.targets) == (4, "soft")
+    with pytest.raises(ConfigError, match=r"sweep.variants.b.train.seed: range bounds must be "
+                                          r"integers"):
+        sweep_spec.parse_sweep({"search_alg": "grid", "space": {"train.seed": {"range": [1, 2]}},
+                                "variants": {"b": {"train.seed": {"range": [1, 2.5]}}}}, tiny())
+    with pytest.raises(ConfigError, match=r"sweep.variants.b.optim.lr: only a grid axis"):
+        sweep_spec.parse_sweep({"search_alg": "random",
+                                "space": {"optim.lr": {"loguniform": [1e-4, 1e-3]}},
+                                "variants": {"b": {"optim.lr": {"grid": [1e-3]}}}}, tiny())
 
 
 # ------------------------------------------------------------------------- results
@@ -319,6 +345,60 @@ def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> Non
     assert version.run_id == children[0].info.run_id and not version.aliases
     assert client.get_run(result.parent_run_id).data.tags[REGISTERED_MODEL_TAG] == \
         "models:/sweep-best/1"
+
+
+EXTEND_YAML = """
+    model: {video_dim: 128, query_dim: 64, hidden: 32, heads: 4, input_drop: 0.1, drop: 0.1}
+    loss: {hard_pool: 5, kd: "off", targets: hard}
+    data: {train: TRAIN, val: VAL, batch_videos: 16, steps_per_epoch: 2, loader_workers: 0}
+    train: {epochs: 1, log_every: 2}
+    dist: {num_workers: 1, zero_stage: 0}
+    tracking: {system_metrics: false}
+    run: {name: ext, storage: STORAGE}
+    sweep:
+      name: extend-it
+      search_alg: grid
+      trial_cpus: 0.5
+      space:
+        train.seed: {range: [1, 1]}
+      variants:
+        fast: {optim.lr: 1.0e-3}
+        slow: {optim.lr: 5.0e-4, train.seed: {range: [1, LAST]}}
+"""
+
+
+@pytest.mark.slow
+def test_adding_seeds_to_a_finished_sweep_runs_only_the_new_trials(world: Path,
+                                                                    tmp_path: Path) -> None:
+    """A finished grid sweep of 2 trials gets one more seed for one variant: the rerun keeps
+    both finished trials (their MLflow runs and trial folders untouched) and runs only the new
+    point, in a second part of the experiment, under the same parent run."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    config = tmp_path / "sweep.yaml"
+    text = textwrap.dedent(EXTEND_YAML).replace("STORAGE", str(tmp_path / "runs")) \
+        .replace("TRAIN", str(world / "train")).replace("VAL", str(world / "val"))
+    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        config.write_text(text.replace("LAST", "1"))
+        first = sweep.run_sweep(*sweep_spec.load_sweep(config, []))
+        config.write_text(text.replace("LAST", "2"))
+        second = sweep.run_sweep(*sweep_spec.load_sweep(config, []))
+    finally:
+        ray.shutdown()
+    assert not first.resumed and second.resumed and not second.errors
+    assert len(first.rows) == 2 and len(second.rows) == 3
+    assert set(dict(first.rows)) < set(dict(second.rows))
+    assert (tmp_path / "runs" / "extend-it.part2").is_dir()
+    client = MlflowClient(second.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("dldkd").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.parent_run_id]
+    assert second.parent_run_id == first.parent_run_id
+    assert sorted((r.data.params["sweep.variant"], r.data.params["train.seed"])
+                  for r in children) == [("fast", "1"), ("slow", "1"), ("slow", "2")]
+    assert all(r.info.status == "FINISHED" for r in children)
 
 
 ASHA_YAML = """

@@ -166,13 +166,19 @@ def test_claims_pair_seeds_and_give_verdicts(store: str, tmp_path: Path) -> None
     better, worse, teacher, n, mean, ci, verdict = claims["teacher_beats_no_teacher"]
     assert (better, worse, teacher, n) == ("dldkdpp", "exploration_only", "181.0", "3")
     assert mean == f"{(30 + 26 + 13) / 3:+.1f}" and verdict == "holds"
-    low, high = (float(x) for x in ci.strip("[]").split(","))
-    assert 13 <= low < (30 + 26 + 13) / 3 < high <= 30
+    # Student t with 2 dof (4.3027): mean 23, sd sqrt(79), half-width 4.3027 * sqrt(79 / 3)
+    half = 4.3027 * (79 / 3) ** 0.5
+    assert ci == f"[{23 - half:+.1f}, {23 + half:+.1f}]"
     # dldkd has no test split: best val on both sides (180 vs 175), one common seed
-    assert claims["soft_beats_hard_targets"][3:] == ["1", "+5.0", "[+5.0, +5.0]", "holds"]
+    assert claims["soft_beats_hard_targets"][3:] == ["1", "+5.0", "-", "one seed: no interval"]
     # the 10-step teacher loses to no teacher by 10 on both common seeds
     assert claims["teacher10_beats_no_teacher"][3:] == ["2", "-10.0", "[-10.0, -10.0]",
                                                          "reversed"]
+    power = table(text, "Power")
+    # sd 8.888: n = 79 gives t(78) 1.9908 * 8.888 / sqrt(79) = 1.991; n = 78 gives 2.004
+    assert power["teacher_beats_no_teacher"] == ["3", f"{79 ** 0.5:.1f}", f"{half:.1f}", "79"]
+    assert power["soft_beats_hard_targets"] == ["1", "-", "-", "-"]
+    assert power["teacher10_beats_no_teacher"] == ["2", "0.0", "0.0", "2"]
     assert (out / "kd_gain.png").read_bytes()[:8] == PNG
 
 

@@ -26,7 +26,8 @@ def train(cfg, reporter=None, device=None, use_deepspeed: bool = True):
         return state
     except Stopped as stop:
         status = "KILLED"
-        print(stop, file=sys.stderr)
+        if recipe.dist.is_main:   # one resume line, not one per rank (torchrun)
+            print(stop, file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     finally:
         recipe.cleanup(status)

@@ -182,8 +182,11 @@ def ray_head():
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are limited
     gcs, dash, client, agent, agent_grpc, metrics, rtenv = free_ports(7)
     token = secrets.token_hex(32)
+    # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` sends SIGTERM, then SIGKILL this much later
+    # (Ray's default 3 s); the head's job supervisor reads it (docs/training.md).
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
                HF_HUB_OFFLINE="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               RAY_JOB_STOP_WAIT_TIME_S="120",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     log = open(Path(temp) / "head.log", "w")
@@ -241,10 +244,79 @@ def _wait_for_dashboard(address: str, token: str, head: subprocess.Popen, log: P
             time.sleep(2)
 
 
+def _job(address: str, token: str, submission_id: str) -> dict:
+    return _get(address, token, f"/api/jobs/{submission_id}")
+
+
+def _stop_a_training_job_and_resume_it(address: str, env: dict, token: str, world: Path,
+                                       runs: Path) -> None:
+    """`ray job stop` of a `dldkd submit train` job after its first checkpoint: the driver gets
+    SIGTERM, the worker saves at its next step (complete in run storage, that step logged), the
+    MLflow run ends KILLED, the job log has one resume line and the job ends STOPPED. The
+    resubmitted job resumes from that checkpoint, not from step 1, and SUCCEEDS."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.infra import storage
+    from trainer.infra.reporting import complete_step
+
+    uri = f"sqlite:///{runs / 'train-mlflow.db'}"
+    overrides = [f"data.train={world / 'train'}", f"data.val={world / 'val'}",
+                 f"run.storage={runs}", "run.name=stop-me", f"tracking.uri={uri}",
+                 "loss.kd=off", "loss.targets=hard", "train.epochs=6", "data.steps_per_epoch=3",
+                 "train.log_every=1", "train.ckpt_every=3", "train.eval_every=18",
+                 "train.early_stop=0", "tracking.system_metrics=false"]
+
+    def submit(wait: bool) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "launch.cli", "submit", "--address", address,
+             *([] if wait else ["--no-wait"]), "train", *overrides,
+             "--config", "configs/tiny.yaml"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    proc = submit(wait=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (job_id,) = [j["submission_id"] for j in _get(address, token, "/api/jobs/")
+                 if j["submission_id"] in proc.stdout]
+    location = storage.run_location(str(runs), "stop-me")
+    deadline = time.time() + 300
+    while not (storage.exists(location) and complete_step(location)):
+        assert _job(address, token, job_id)["status"] in ("PENDING", "RUNNING"), \
+            _get(address, token, f"/api/jobs/{job_id}/logs")["logs"][-4000:]
+        assert time.time() < deadline
+        time.sleep(0.3)
+    stop = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, job_id],
+                          env=env, capture_output=True, text=True, timeout=200)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    while _job(address, token, job_id)["status"] not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.time() < deadline + 200
+        time.sleep(0.5)
+    logs = _get(address, token, f"/api/jobs/{job_id}/logs")["logs"]
+    assert _job(address, token, job_id)["status"] == "STOPPED", logs[-4000:]
+    hints = [line for line in logs.splitlines() if "to resume: dldkd train" in line]
+    assert len(hints) == 1 and "stopped by SIGTERM with a checkpoint saved" in hints[0], logs[-4000:]
+    k = complete_step(location)
+    assert k is not None and 3 <= k < 18
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dldkd").experiment_id])
+    assert run.info.status == "KILLED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert k in steps, (k, steps)
+
+    proc = submit(wait=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f" at step {k} (epoch" in proc.stdout + proc.stderr
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps.count(1) == 1 and max(steps) == 18, steps
+
+
 @pytest.mark.slow
 def test_ray_job_submit_of_a_two_trial_sweep(ray_head, tmp_path: Path) -> None:
     """`dldkd submit` -> `ray job submit` -> a 2-trial sweep on the head; the job SUCCEEDS and
-    MLflow holds the sweep's parent run with one child per trial, each with val/SumR."""
+    MLflow holds the sweep's parent run with one child per trial, each with val/SumR. First, on
+    the same head, a training job stopped by `ray job stop` saves and its resubmission resumes
+    (``_stop_a_training_job_and_resume_it``)."""
     from mlflow.tracking import MlflowClient
 
     from sharding.synthetic import build_world
@@ -252,6 +324,7 @@ def test_ray_job_submit_of_a_two_trial_sweep(ray_head, tmp_path: Path) -> None:
     address, env, token = ray_head
     build_world(tmp_path / "world", videos=48, eval_videos=16, pretrain_pairs=0, progress=False)
     runs = tmp_path / "runs"
+    _stop_a_training_job_and_resume_it(address, env, token, tmp_path / "world", runs)
     # 2 trials x 1 worker (2 x 2 workers do not fit 2 cores in CI time), 1 epoch of 3 steps;
     # the head has 4 CPUs, so both trials (0.5 + 1 CPU each) run at once.
     overrides = [f"data.train={tmp_path / 'world' / 'train'}",
@@ -266,7 +339,7 @@ def test_ray_job_submit_of_a_two_trial_sweep(ray_head, tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
-    (job,) = _get(address, token, "/api/jobs/")
+    (job,) = [j for j in _get(address, token, "/api/jobs/") if j["submission_id"] in proc.stdout]
     assert job["status"] == "SUCCEEDED", tail
     assert job["entrypoint"].startswith("python -m launch.sweep --config configs/sweep-demo.yaml")
     assert job["submission_id"] in proc.stdout

@@ -198,13 +198,18 @@ def _finish(proc: subprocess.Popen, log: Path) -> int:
             proc.kill()
 
 
+TORCHRUN_STEPS = 16   # 4 epochs of 4 steps: room for a signal after the first checkpoint
+
+
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_torchrun(kind, world, tmp_path, request, mlflow_uri, capsys, monkeypatch):
     """torchrun, 2 gloo processes: while it runs, rank 0 holds the lease and a second launch is
-    refused (locally also: a torchrun launch whose rank 0 is refused ends, rank 1 with it); the
-    run finishes with its checkpoints, best/ and test report in run storage; after its newest
-    checkpoint is made partial and the node scratch wiped, a relaunch resumes from the newest
-    complete one (step 4) and retrains steps 5-8 with the same losses, in the one MLflow run."""
+    refused (locally also: a torchrun launch whose rank 0 is refused ends, rank 1 with it).
+    SIGTERM to torchrun reaches both ranks (torchrun forwards it): they agree on the next step,
+    save it to run storage (complete), log it, mark the one MLflow run KILLED and print one
+    resume line. That checkpoint made partial and the node scratch wiped, the relaunch resumes
+    from the newest complete one before it, retrains the steps after it with the same losses,
+    and finishes with its checkpoints, best/ and test report in run storage."""
     import time
 
     from launch.jobs.lease import run_lease
@@ -212,7 +217,7 @@ def test_torchrun(kind, world, tmp_path, request, mlflow_uri, capsys, monkeypatc
     monkeypatch.chdir(ROOT)
     run_storage = _run_storage(kind, tmp_path, request)
     name = f"torchrun-{kind}"
-    over = _overrides(world, run_storage, name, mlflow_uri)
+    over = _overrides(world, run_storage, name, mlflow_uri) + ["train.epochs=4"]
     log = tmp_path / "torchrun.log"
 
     if kind == "local":
@@ -221,6 +226,7 @@ def test_torchrun(kind, world, tmp_path, request, mlflow_uri, capsys, monkeypatc
         assert f"run {name!r} is already being launched" in log.read_text()
         assert not _checkpoints(run_storage, name)
 
+    log = tmp_path / "signalled.log"
     proc = _torchrun(over, log)
     deadline = time.time() + 300
     while not _in_storage(run_storage, name, "lease.json") and proc.poll() is None \
@@ -229,24 +235,37 @@ def test_torchrun(kind, world, tmp_path, request, mlflow_uri, capsys, monkeypatc
     assert proc.poll() is None, log.read_text()[-3000:]
     assert _cli(over) == 2   # a second launch while rank 0 holds the lease
     assert f"run {name!r} is already being launched" in capsys.readouterr().err
-    assert _finish(proc, log) == 0, log.read_text()[-3000:]
+    while not _checkpoints(run_storage, name).get(4) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    code = _finish(proc, log)
+    text = log.read_text()
+    assert code != 0, text[-3000:]   # torchrun itself ends on its SignalException
+    hints = [line for line in text.splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(hints) == 1 and "relaunch the same command" in hints[0], text[-3000:]
+    k = int(hints[0].split("at step ")[1].split()[0])
+    assert 4 < k < TORCHRUN_STEPS, text[-3000:]
+    assert _checkpoints(run_storage, name).get(k), (k, _checkpoints(run_storage, name))
     run, first = _mlflow_run(mlflow_uri, name)
-    assert run.info.status == "FINISHED" and sorted(first) == list(range(1, STEPS + 1))
-    assert _checkpoints(run_storage, name) == {4: True, 8: True}
-    for part in ("student.pt", "metrics.json", "test_report.json"):
-        assert _in_storage(run_storage, name, "best", part), part
+    assert run.info.status == "KILLED" and sorted(first) == list(range(1, k + 1))
     assert not _in_storage(run_storage, name, "lease.json")
 
-    _make_newest_partial(run_storage, name, 8)
+    log = tmp_path / "relaunch.log"
+    _make_newest_partial(run_storage, name, k)
+    j = max(s for s, done in _checkpoints(run_storage, name).items() if done)
+    assert j < k
     if kind == "s3":
         scratch = storage.local_run_dir(run_storage, name)
         assert not list(scratch.rglob("client.json")), "checkpoints stayed on the node"
         shutil.rmtree(scratch)
     assert _finish(_torchrun(over, log), log) == 0, log.read_text()[-3000:]
-    assert "at step 4 (epoch 1)" in log.read_text()
+    assert f"at step {j} (epoch" in log.read_text()
     run, losses = _mlflow_run(mlflow_uri, name)
     assert run.info.status == "FINISHED"
     assert {s: len(v) for s, v in losses.items()} == {
-        **{s: 1 for s in range(1, 5)}, **{s: 2 for s in range(5, STEPS + 1)}}
-    assert all(v[0] == v[1] for s, v in losses.items() if s > 4), losses
-    assert _checkpoints(run_storage, name) == {4: True, 8: True}
+        s: 2 if j < s <= k else 1 for s in range(1, TORCHRUN_STEPS + 1)}, (j, k)
+    assert all(v[0] == v[1] for s, v in losses.items() if len(v) == 2), losses
+    assert {s for s, done in _checkpoints(run_storage, name).items() if done} == {12, 16}  # keep 2
+    for part in ("student.pt", "metrics.json", "test_report.json"):
+        assert _in_storage(run_storage, name, "best", part), part

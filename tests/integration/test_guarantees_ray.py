@@ -155,46 +155,64 @@ SWEEP_YAML = """
 model: {video_dim: 128, query_dim: 64, hidden: 32, heads: 4, input_drop: 0.1, drop: 0.1}
 loss: {hard_pool: 5, kd: "off", targets: hard}
 data: {train: TRAIN, val: VAL, batch_videos: 16, steps_per_epoch: 3, loader_workers: 0}
-train: {epochs: 2, log_every: 2, ckpt_every: 3, early_stop: 0}
+train: {epochs: 4, log_every: 1, ckpt_every: 3, eval_every: 12, early_stop: 0}
 dist: {num_workers: 1, zero_stage: 0}
-tracking: {system_metrics: false}
+tracking: {system_metrics: false, uri: URI}
 run: {name: it, storage: STORAGE}
 sweep: {name: stop-it, search_alg: grid, trial_cpus: 0.5, space: {optim.lr: {grid: [1.0e-3]}}}
 """
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_sweep_trial_stops_on_the_drivers_signal_and_the_rerun_resumes_it(
-        world, tmp_path, ray_session):
-    """The sweep driver's signal (its flag set, as its handler does) reaches the trial's worker:
-    a complete checkpoint at its first log step, the trial's run and the sweep's parent run
-    KILLED; the rerun resumes the trial from that checkpoint, not from step 1."""
+        world, tmp_path, request, where):
+    """SIGTERM to a ``dldkd sweep`` driver (its own Ray cluster) reaches the trial's worker: a
+    checkpoint at its next log step, complete in run storage (a folder or the bucket), the
+    trial's run and the sweep's parent run KILLED, exit 143 and one resume line. The rerun
+    resumes the trial from that checkpoint, not from step 1, and finishes it."""
     from mlflow.tracking import MlflowClient
 
-    from launch.jobs import sweep
-    from launch.jobs.stop import new_flag
-
+    run_storage = str(tmp_path / "runs") if where == "local" \
+        else request.getfixturevalue("s3").url("runs")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tmp_path / "sweep.yaml"
-    config.write_text(SWEEP_YAML.replace("STORAGE", str(tmp_path / "runs")).replace(
+    config.write_text(SWEEP_YAML.replace("STORAGE", run_storage).replace("URI", uri).replace(
         "TRAIN", str(world / "train")).replace("VAL", str(world / "val")))
-    cfg, spec = sweep.load_sweep(config, [])
+    trials = storage.join(run_storage, "stop-it", "trials")
+    log = tmp_path / "sweep.log"
 
-    class Signalled:   # what DriverStop holds after a SIGTERM
-        signum, flag = signal.SIGTERM, new_flag()
+    def launch() -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "sweep", "--config", str(config)], cwd=ROOT,
+            stdout=log.open("w"), stderr=subprocess.STDOUT,
+            env={**os.environ, "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1"})
 
-    Signalled.flag.set.remote(signal.SIGTERM)
-    stopped = sweep.run_sweep(cfg, spec, Signalled)
-    (trial,) = [p for p in (tmp_path / "runs" / "stop-it" / "trials").iterdir()]
-    assert complete_step(str(trial)) == 1 and stopped.errors
-    client = MlflowClient(stopped.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    assert client.get_run(stopped.parent_run_id).info.status == "KILLED"
+    def first_checkpoint() -> bool:
+        names = storage.listdir(trials) if storage.exists(trials) else []
+        return any(complete_step(storage.join(trials, n)) for n in names)
+
+    proc = launch()
+    _wait_for(first_checkpoint, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-4000:]
+    text = log.read_text()
+    hints = [line for line in text.splitlines() if "to resume: dldkd sweep" in line]
+    assert len(hints) == 1 and "stopped by SIGTERM" in hints[0], text[-4000:]
+    (trial,) = storage.listdir(trials)
+    k = complete_step(storage.join(trials, trial))
+    assert k is not None and 3 <= k < 12
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("dldkd")
+    (parent,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'stop-it'")
+    assert parent.info.status == "KILLED"
     (child,) = client.search_runs([exp.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{stopped.parent_run_id}'")
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert child.info.status == "KILLED"
 
-    resumed = sweep.run_sweep(cfg, spec)
-    assert resumed.resumed and not resumed.errors
+    proc = launch()
+    assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    assert f" at step {k} (epoch" in log.read_text()
     child = client.get_run(child.info.run_id)
     assert child.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
-    assert steps.count(1) == 1 and max(steps) == 6, steps
+    assert steps.count(1) == 1 and max(steps) == 12, steps

@@ -210,7 +210,7 @@ class Recipe:
         # The first step whose loss was not finite, kept on the device and read only where the
         # loop reads values anyway (log, eval, checkpoint), so no step waits for the device.
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        with StopOnSignals(cfg.train.stop_grace_s, getattr(self.reporter, "stop_requested", None),
+        with StopOnSignals(cfg.train.stop_grace_s, self.reporter.stop_requested,
                            self.tracker.mark_killed) as stop:
             self._loop(timer, bar, eval_every, ckpt_every, stop)
         bar.close()

@@ -151,8 +151,8 @@ class Lease:
     """The lease of one run; ``with Lease(...)`` takes it, renews it in a thread and releases
     it. ``LeaseHeld`` when another launch holds it."""
 
-    def __init__(self, location: str, run: str, ttl_s: float = TTL_S):
-        self.location, self.run, self.ttl_s = location, run, ttl_s
+    def __init__(self, location: str, run: str, ttl_s: float = TTL_S, kind: str = "run"):
+        self.location, self.run, self.ttl_s, self.kind = location, run, ttl_s, kind
         self.store = _S3Object(location) if storage.is_remote(location) else _LocalFile(location)
         self.holder = {"run": run, "host": socket.gethostname(), "pid": os.getpid(),
                        "started": time.time(), "token": uuid.uuid4().hex, "ttl_s": ttl_s}
@@ -177,7 +177,7 @@ class Lease:
                 other = {}
             age, why = _staleness(other, self.ttl_s)
             if why is None:
-                raise LeaseHeld(_held_message(self.run, self.location, other, age))
+                raise LeaseHeld(_held_message(self.run, self.location, other, age, self.kind))
             if self.store.replace(self._body(), version):
                 log.warning("took over the lease of run %s from %s (pid %s): %s", self.run,
                             other.get("host", "?"), other.get("pid", "?"), why)
@@ -237,17 +237,25 @@ def _staleness(other: dict, default_ttl: float) -> tuple[float, str | None]:
     return age, None
 
 
-def _held_message(run: str, location: str, other: dict, age: float) -> str:
+def _held_message(run: str, location: str, other: dict, age: float, kind: str = "run") -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(other.get("started", 0))))
     ttl = float(other.get("ttl_s", TTL_S))
-    return (f"run {run!r} is already being launched or trained by {other.get('host', '?')} "
+    doing = "trained" if kind == "run" else "run"
+    return (f"{kind} {run!r} is already being launched or {doing} by {other.get('host', '?')} "
             f"(pid {other.get('pid', '?')}, started {started}, lease renewed {age:.0f} s ago): "
-            f"{location}. Stop that launch first, or give this config another run.name; if that "
-            f"launch is dead, its lease expires {max(ttl - age, 0):.0f} s from now (or delete "
-            "the file)")
+            f"{location}. Stop that launch first, or give this config another {kind}.name; if "
+            f"that launch is dead, its lease expires {max(ttl - age, 0):.0f} s from now (or "
+            "delete the file)")
 
 
 def run_lease(run_storage: str, name: str, ttl_s: float = TTL_S) -> Lease:
     """The lease of run ``name`` in ``run_storage`` (``run.storage``)."""
     return Lease(storage.join(storage.run_location(run_storage, name), "lease.json"), name,
                  ttl_s)
+
+
+def sweep_lease(run_storage: str, name: str, ttl_s: float = TTL_S) -> Lease:
+    """The lease of sweep ``name``: in its experiment folder ``<run.storage>/<sweep name>``, so
+    two launches of one sweep never drive the same trials."""
+    return Lease(storage.join(storage.run_location(run_storage, name), "lease.json"), name,
+                 ttl_s, kind="sweep")

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from launch.jobs.lease import sweep_lease
 from launch.jobs.stop import DriverStop, poll
 from launch.report.render import params_text, plot_curves, trials_table
 from launch.report.stats import trial_curves, trial_rows
@@ -443,13 +444,19 @@ def run(args: argparse.Namespace) -> SweepResult:
     preflight(cfg)   # validate's cheap checks on the base config, before Ray
     uri = tracking_uri(cfg, spec)
     command = shlex.join(["sweep", "--config", args.config, *args.overrides])
-    with DriverStop(cfg.train.stop_grace_s, functools.partial(kill_sweep_runs, cfg, spec, uri),
-                    lambda signum, how: f"sweep {spec.name} stopped by "
-                    f"{signal.Signals(signum).name} {how}; its trials resume from their newest "
-                    f"complete checkpoints; to resume: dldkd {command}") as stop:
-        init_ray(args.address, args.num_cpus)
-        stop.arm()
-        return stop.run(lambda: run_sweep(cfg, spec, stop))
+    with sweep_lease(cfg.run.storage, spec.name) as lease:
+
+        def abort() -> None:
+            kill_sweep_runs(cfg, spec, uri)
+            lease.release()
+
+        with DriverStop(cfg.train.stop_grace_s, abort,
+                        lambda signum, how: f"sweep {spec.name} stopped by "
+                        f"{signal.Signals(signum).name} {how}; its trials resume from their "
+                        f"newest complete checkpoints; to resume: dldkd {command}") as stop:
+            init_ray(args.address, args.num_cpus)
+            stop.arm()
+            return stop.run(lambda: run_sweep(cfg, spec, stop))
 
 
 def kill_sweep_runs(cfg: Config, spec: SweepSpec, uri: str) -> None:

@@ -151,6 +151,21 @@ def test_a_second_ray_launch_is_refused_before_ray_starts(world, tmp_path, reque
     assert "run 'g' is already being launched or trained" in capsys.readouterr().err
 
 
+def test_a_second_sweep_launch_is_refused_before_ray_starts(world, tmp_path, capsys):
+    from launch.cli import main
+    from launch.jobs.lease import sweep_lease
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(SWEEP_YAML.replace("STORAGE", str(tmp_path / "runs")).replace(
+        "URI", f"sqlite:///{tmp_path / 'm.db'}").replace("TRAIN", str(world / "train")).replace(
+        "VAL", str(world / "val")))
+    with sweep_lease(str(tmp_path / "runs"), "stop-it"):
+        assert main(["sweep", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "sweep 'stop-it' is already being launched or run" in err and "sweep.name" in err
+    assert not (tmp_path / "runs" / "stop-it" / "trials").exists()
+
+
 SWEEP_YAML = """
 model: {video_dim: 128, query_dim: 64, hidden: 32, heads: 4, input_drop: 0.1, drop: 0.1}
 loss: {hard_pool: 5, kd: "off", targets: hard}
@@ -198,7 +213,8 @@ def test_a_sweep_trial_stops_on_the_drivers_signal_and_the_rerun_resumes_it(
     text = log.read_text()
     hints = [line for line in text.splitlines() if "to resume: dldkd sweep" in line]
     assert len(hints) == 1 and "stopped by SIGTERM" in hints[0], text[-4000:]
-    (trial,) = storage.listdir(trials)
+    # the trial's folder (Ray Train also leaves a storage-check marker beside it)
+    (trial,) = [n for n in storage.listdir(trials) if complete_step(storage.join(trials, n))]
     k = complete_step(storage.join(trials, trial))
     assert k is not None and 3 <= k < 12
     client = MlflowClient(uri)

@@ -23,6 +23,9 @@ class Reporter(Protocol):
     def restore_dir(self) -> Path | None: ...
     def staging_dir(self, step: int) -> Path: ...
     def report(self, metrics: dict, staged: Path | None, step: int) -> None: ...
+    # The signal another process received for this run (the Ray driver's), else 0; polled at
+    # each log, evaluation and checkpoint step (trainer.infra.signals).
+    def stop_requested(self) -> int: ...
 
 
 # Written last into a checkpoint folder in run storage: only a folder with it is complete.
@@ -70,6 +73,10 @@ class LocalReporter:
             storage.download(storage.join(self.root, name), local)
         dist.barrier()
         return local
+
+    def stop_requested(self) -> int:
+        """0: without Ray a signal reaches this process itself (StopOnSignals' handlers)."""
+        return 0
 
     def staging_dir(self, step: int) -> Path:
         base = self.cache if self.remote else Path(self.root)

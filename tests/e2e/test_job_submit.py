@@ -252,8 +252,9 @@ def _stop_a_training_job_and_resume_it(address: str, env: dict, token: str, worl
                                        runs: Path) -> None:
     """`ray job stop` of a `dldkd submit train` job after its first checkpoint: the driver gets
     SIGTERM, the worker saves at its next step (complete in run storage, that step logged), the
-    MLflow run ends KILLED, the job log has one resume line and the job ends STOPPED. The
-    resubmitted job resumes from that checkpoint, not from step 1, and SUCCEEDS."""
+    MLflow run ends KILLED, the job log has one resume line and the job ends STOPPED. With Ray's
+    own snapshot then lost and a newer partial checkpoint planted, the resubmitted job resumes
+    from the newest complete checkpoint in storage, not from step 1, and SUCCEEDS."""
     from mlflow.tracking import MlflowClient
 
     from trainer.infra import storage
@@ -302,9 +303,17 @@ def _stop_a_training_job_and_resume_it(address: str, env: dict, token: str, worl
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert k in steps, (k, steps)
 
+    # What a hard stop can leave: Ray's snapshot lost (it never recorded the newest checkpoint)
+    # and a newer checkpoint whose upload was cut (a file missing, no completion marker).
+    partial = storage.join(location, f"step-{k + 3:08d}")
+    data = storage.read_bytes(storage.join(location, f"step-{k:08d}", "client.json"))
+    storage.write_bytes(storage.join(partial, "client.json"), data)
+    storage.remove(storage.join(location, "checkpoint_manager_snapshot.json"))
     proc = submit(wait=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert f" at step {k} (epoch" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert f" at step {k} (epoch" in out and "resumed from" in out, out[-4000:]
+    assert f"step-{k:08d}, the newest complete checkpoint" in out, out[-4000:]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]

@@ -1,4 +1,5 @@
-"""Two Ray nodes on one machine: workers spread across nodes, data split by rank, merged checkpoints."""
+"""Two Ray nodes on one machine: workers spread across nodes, data split by rank, merged
+checkpoints, and a node lost mid-run."""
 from __future__ import annotations
 
 import json
@@ -7,53 +8,19 @@ import pytest
 
 from tests.conftest import tiny_overrides
 from trainer.config import load_config
+from trainer.infra.reporting import COMPLETE
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_node_cluster(world, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from launch.jobs.train import build_trainer
-
-    # Two raylets with their own loopback addresses: Ray Train ranks nodes by IP, so this is
-    # what two hosts look like to it (node rank, MASTER_ADDR, merged checkpoint uploads).
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1"})
-    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.2")
-    try:
-        ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
-        ray.init(address=cluster.address)
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        cfg = load_config("configs/tiny.yaml", tiny_overrides(
-            world, tmp_path, "nodes", **{"train.epochs": 1, "data.steps_per_epoch": 4,
-                                         "dist.num_workers": 2, "dist.cpus_per_worker": 2,
-                                         "dist.placement_strategy": "STRICT_SPREAD",
-                                         "dist.zero_stage": 1, "tracking.uri": uri,
-                                         "loss.kd": "off", "loss.targets": "hard"}))
-        result = build_trainer(cfg).fit()
-        assert result.error is None
-        # One checkpoint folder holds the files of both ranks, written on two nodes.
-        folder = result.checkpoint.path
-        names = {p.name for p in __import__("pathlib").Path(folder).iterdir()}
-        assert {"rng-rank0.pt", "rng-rank1.pt", "client.json", "state"} <= names
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name("dldkd")
-        (run,) = client.search_runs([exp.experiment_id], "tags.`dldkd.run_key` = 'nodes'")
-        assert json.loads(run.data.tags["dldkd.node_ranks"]) == [0, 1]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 def test_losing_a_node_mid_run_finishes_on_the_remaining_one(world, tmp_path):
-    """Kill one node's raylet and workers mid-run: Ray Train restarts the worker group on the
-    node that is left (dist.max_failures), the run resumes from its last checkpoint and ends;
-    MLflow holds one run and every step's loss (steps redone after the checkpoint are logged
-    again, none is missing)."""
+    """Two raylets with their own loopback addresses (Ray Train ranks nodes by IP, so this is
+    what two hosts look like to it): the workers spread over both nodes (node ranks 0 and 1,
+    one checkpoint folder holding both ranks' files, written on two nodes). Then one node's
+    raylet and workers are killed mid-run: Ray Train restarts the worker group on the node that
+    is left (dist.max_failures), the run resumes from its last checkpoint and ends; MLflow holds
+    one run and every step's loss (steps redone after the checkpoint are logged again, none is
+    missing)."""
     import threading
     import time
 
@@ -89,11 +56,17 @@ def test_losing_a_node_mid_run_finishes_on_the_remaining_one(world, tmp_path):
                 "tags.`dldkd.run_key` = 'lost'") if client.search_experiments() else []
             logged = [m.step for r in runs
                       for m in client.get_metric_history(r.info.run_id, "train/loss")]
-            if logged and max(logged) > steps:        # past the first epoch's checkpoint
+            folder = tmp_path / "lost" / f"step-{steps:08d}"
+            if logged and max(logged) > steps and (folder / COMPLETE).is_file():
+                # past the first epoch's checkpoint, complete in storage
+                spread = json.loads(runs[0].data.tags["dldkd.node_ranks"])
+                first = {p.name for p in folder.iterdir()}
                 cluster.remove_node(doomed, allow_graceful=False)
                 killed_at = max(logged)
         fit.join(timeout=600)
         assert killed_at is not None and killed_at < steps * epochs, "the node died too late"
+        assert sorted(spread) == [0, 1], spread   # one worker on each node before the loss
+        assert {"rng-rank0.pt", "rng-rank1.pt", "client.json", "state"} <= first
         result = outcome["result"]
         assert result.error is None
         assert len(ray.nodes()) == 2 and sum(n["Alive"] for n in ray.nodes()) == 1

@@ -25,12 +25,13 @@ def chance_sumr(videos: int) -> float:
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """The session's shared local cluster (tests/conftest.py ``ray_session``), started here if
+    no test of this worker started it yet; left up for the next module."""
     import ray
 
-    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     yield ray
-    ray.shutdown()
 
 
 def _mlflow_run(uri: str, name: str):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import textwrap
 from pathlib import Path
 
@@ -299,31 +298,24 @@ def world(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path) -> None:
+def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path, ray_session) -> None:
     """The trial fails (its data is missing); the rerun restores the same trial, trains it, and
     MLflow keeps one parent and one child per trial. The search is Optuna's (its state is
     restored too), and the sweep registers its best trial's model. (One trial keeps CI time
     down; the e2e test runs two.)"""
-    import ray
     from mlflow.tracking import MlflowClient
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     config = tmp_path / "sweep.yaml"
     config.write_text(textwrap.dedent(SWEEP_YAML).replace("STORAGE", str(tmp_path / "runs"))
                       .replace("VAL", str(world / "val")))
-    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        cfg, spec = sweep_spec.load_sweep(config, [f"data.train={tmp_path / 'missing'}"])
-        with pytest.raises(RuntimeError, match="no trial reported val/SumR"):
-            sweep.run_sweep(cfg, spec)
-        first = sorted(p.name for p in (tmp_path / "runs" / "resume-it").glob("resume-it-*"))
-        assert len(first) == 1
+    cfg, spec = sweep_spec.load_sweep(config, [f"data.train={tmp_path / 'missing'}"])
+    with pytest.raises(RuntimeError, match="no trial reported val/SumR"):
+        sweep.run_sweep(cfg, spec)
+    first = sorted(p.name for p in (tmp_path / "runs" / "resume-it").glob("resume-it-*"))
+    assert len(first) == 1
 
-        cfg, spec = sweep_spec.load_sweep(config, [f"data.train={world / 'train'}"])
-        result = sweep.run_sweep(cfg, spec)
-    finally:
-        ray.shutdown()
+    cfg, spec = sweep_spec.load_sweep(config, [f"data.train={world / 'train'}"])
+    result = sweep.run_sweep(cfg, spec)
     assert result.resumed and not result.errors
     assert sorted(label for label, _ in result.rows) == first
     assert all(m["SumR"] > 0 and m["step"] == 3 for _, m in result.rows)
@@ -368,26 +360,20 @@ EXTEND_YAML = """
 
 
 @pytest.mark.slow
-def test_adding_seeds_to_a_finished_sweep_runs_only_the_new_trials(world: Path,
-                                                                    tmp_path: Path) -> None:
+def test_adding_seeds_to_a_finished_sweep_runs_only_the_new_trials(world: Path, tmp_path: Path,
+                                                                    ray_session) -> None:
     """A finished grid sweep of 2 trials gets one more seed for one variant: the rerun keeps
     both finished trials (their MLflow runs and trial folders untouched) and runs only the new
     point, in a second part of the experiment, under the same parent run."""
-    import ray
     from mlflow.tracking import MlflowClient
 
     config = tmp_path / "sweep.yaml"
     text = textwrap.dedent(EXTEND_YAML).replace("STORAGE", str(tmp_path / "runs")) \
         .replace("TRAIN", str(world / "train")).replace("VAL", str(world / "val"))
-    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        config.write_text(text.replace("LAST", "1"))
-        first = sweep.run_sweep(*sweep_spec.load_sweep(config, []))
-        config.write_text(text.replace("LAST", "2"))
-        second = sweep.run_sweep(*sweep_spec.load_sweep(config, []))
-    finally:
-        ray.shutdown()
+    config.write_text(text.replace("LAST", "1"))
+    first = sweep.run_sweep(*sweep_spec.load_sweep(config, []))
+    config.write_text(text.replace("LAST", "2"))
+    second = sweep.run_sweep(*sweep_spec.load_sweep(config, []))
     assert not first.resumed and second.resumed and not second.errors
     assert len(first.rows) == 2 and len(second.rows) == 3
     assert set(dict(first.rows)) < set(dict(second.rows))
@@ -422,25 +408,17 @@ ASHA_YAML = """
 
 
 @pytest.mark.slow
-def test_asha_stops_a_trial_on_an_evaluation_without_a_checkpoint(world: Path,
-                                                                  tmp_path: Path) -> None:
+def test_asha_stops_a_trial_on_an_evaluation_without_a_checkpoint(world: Path, tmp_path: Path,
+                                                                  ray_session) -> None:
     """Checkpoints every 8 steps, evaluations every 4: ASHA's first rung (step 4) is an
     evaluation-only report. The second trial (lr 1e-12, never learns) is below the first's
     validation SumR there and is stopped at step 4, before its first checkpoint."""
-    import ray
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     config = tmp_path / "sweep.yaml"
     config.write_text(textwrap.dedent(ASHA_YAML).replace("STORAGE", str(tmp_path / "runs"))
                       .replace("TRAIN", str(world / "train")).replace("VAL", str(world / "val")))
     cfg, spec = sweep_spec.load_sweep(config, [])
     assert cfg.train.ckpt_every == 2 * cfg.train.eval_every
-    ray.shutdown()   # the session's shared cluster (ray_session), if a test left it up
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        result = sweep.run_sweep(cfg, spec)
-    finally:
-        ray.shutdown()
+    result = sweep.run_sweep(cfg, spec)
     assert not result.errors
     trials = sorted((tmp_path / "runs" / "asha-it").glob("asha-it-*"))
     assert len(trials) == 2

@@ -7,9 +7,10 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
-# pytest-xdist processes for `make test`, a test file each: most of a test's time is spent
-# starting processes (Ray, DeepSpeed ranks, MLflow servers) and waiting on them, so more
-# workers than cores keeps both cores busy.
+# pytest-xdist processes for `make test`: most of a test's time is spent starting processes
+# (Ray, DeepSpeed ranks, MLflow servers) and waiting on them, so more workers than cores keeps
+# both cores busy. Tests are handed out one at a time and idle workers take queued ones
+# (worksteal), so no file of long tests runs alone at the end.
 TEST_WORKERS ?= 3
 
 .PHONY: install demo test test-fast test-gpu gpu-bundle gpu-check-dry bench clean
@@ -31,7 +32,7 @@ test: $(STAMP)
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; }; } \
 	  || echo "chromium not installed: the browser test will skip (as root: apt-get install -y chromium)"
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"

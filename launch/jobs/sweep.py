@@ -233,10 +233,12 @@ def open_tuners(path: str, trainable: Callable[[str], Any], make_new: Callable[.
     axes = grid_axes(spec)
     while tune.Tuner.can_restore(segment_path(path, index)):
         part = segment_path(path, index)
-        tuner = tune.Tuner.restore(part, trainable(part), resume_unfinished=True,
-                                   resume_errored=True)
-        seen |= {point_key(r.config or {}, axes) for r in tuner.get_results()}
-        tuners.append(tuner)
+        tuners.append(tune.Tuner.restore(part, trainable(part), resume_unfinished=True,
+                                         resume_errored=True))
+        if spec.search_alg == "grid":
+            # Every stored trial's config, also of those that never reported (a result's
+            # config is empty then): errored and pending points are not new.
+            seen |= {point_key(t.config or {}, axes) for t in tune.ExperimentAnalysis(part).trials}
         index += 1
     if not tuners:
         return [make_new(path)], False

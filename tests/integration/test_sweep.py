@@ -280,11 +280,10 @@ SWEEP_YAML = """
     run: {name: it, storage: STORAGE}
     sweep:
       name: resume-it
-      search_alg: optuna
-      seed: 1
+      search_alg: grid
       trial_cpus: 0.5
       space:
-        optim.lr: {grid: [1.0e-3]}
+        train.seed: {range: [1, LAST]}
 """
 
 
@@ -298,16 +297,18 @@ def world(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path, ray_session) -> None:
-    """The trial fails (its data is missing); the rerun restores the same trial, trains it, and
-    MLflow keeps one parent and one child per trial. The search is Optuna's (its state is
-    restored too), and the sweep registers its best trial's model. (One trial keeps CI time
-    down; the e2e test runs two.)"""
+def test_an_errored_sweep_resumes_and_added_seeds_run_alone(world: Path, tmp_path: Path,
+                                                             ray_session) -> None:
+    """The trial fails (its data is missing); the rerun restores the same trial and trains it.
+    Then the seed range grows by one: the next rerun keeps the finished trial (its MLflow run
+    untouched) and runs only the new seed, in a second part of the experiment. MLflow keeps one
+    parent and one child per trial, and the sweep registers its best trial's model."""
     from mlflow.tracking import MlflowClient
 
     config = tmp_path / "sweep.yaml"
-    config.write_text(textwrap.dedent(SWEEP_YAML).replace("STORAGE", str(tmp_path / "runs"))
-                      .replace("VAL", str(world / "val")))
+    text = textwrap.dedent(SWEEP_YAML).replace("STORAGE", str(tmp_path / "runs")).replace(
+        "VAL", str(world / "val"))
+    config.write_text(text.replace("LAST", "1"))
     cfg, spec = sweep_spec.load_sweep(config, [f"data.train={tmp_path / 'missing'}"])
     with pytest.raises(RuntimeError, match="no trial reported val/SumR"):
         sweep.run_sweep(cfg, spec)
@@ -320,71 +321,38 @@ def test_an_errored_sweep_resumes_its_trials(world: Path, tmp_path: Path, ray_se
     assert sorted(label for label, _ in result.rows) == first
     assert all(m["SumR"] > 0 and m["step"] == 3 for _, m in result.rows)
     assert result.table.is_file() and result.plot.is_file()
-
     client = MlflowClient(result.tracking_uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    (kept,) = [r for r in client.search_runs([exp.experiment_id])
+               if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert kept.info.run_name == first[0] and kept.info.status == "FINISHED"
+
+    config.write_text(text.replace("LAST", "2"))
+    cfg, spec = sweep_spec.load_sweep(config, [f"data.train={world / 'train'}"])
+    grown = sweep.run_sweep(cfg, spec)
+    assert grown.resumed and not grown.errors and len(grown.rows) == 2
+    assert (tmp_path / "runs" / "resume-it.part2").is_dir()
+
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.info.run_name == "resume-it"]
-    assert len(parents) == 1 and parents[0].info.run_id == result.parent_run_id
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
-    assert sorted(r.info.run_name for r in children) == first
-    assert all(r.data.metrics["val/SumR"] == dict(result.rows)[r.info.run_name]["SumR"]
+    assert len(parents) == 1 and parents[0].info.run_id == result.parent_run_id \
+        == grown.parent_run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == grown.parent_run_id]
+    assert sorted(r.data.params["train.seed"] for r in children) == ["1", "2"]
+    again = client.get_run(kept.info.run_id)   # the finished trial was not trained again
+    assert again.info.end_time == kept.info.end_time
+    assert again.data.metrics["val/SumR"] == kept.data.metrics["val/SumR"]
+    assert all(r.data.metrics["val/SumR"] == dict(grown.rows)[r.info.run_name]["SumR"]
                for r in children)
-    assert {a.path for a in client.list_artifacts(result.parent_run_id, "sweep")} == {
+    assert {a.path for a in client.list_artifacts(grown.parent_run_id, "sweep")} == {
         "sweep/trials.md", "sweep/sumr.png"}
-    # the best trial's model is the one registered version; no data.test, so no alias
-    (version,) = client.search_model_versions("name = 'sweep-best'")
-    assert version.run_id == children[0].info.run_id and not version.aliases
-    assert client.get_run(result.parent_run_id).data.tags[REGISTERED_MODEL_TAG] == \
-        "models:/sweep-best/1"
-
-
-EXTEND_YAML = """
-    model: {video_dim: 128, query_dim: 64, hidden: 32, heads: 4, input_drop: 0.1, drop: 0.1}
-    loss: {hard_pool: 5, kd: "off", targets: hard}
-    data: {train: TRAIN, val: VAL, batch_videos: 16, steps_per_epoch: 2, loader_workers: 0}
-    train: {epochs: 1, log_every: 2}
-    dist: {num_workers: 1, zero_stage: 0}
-    tracking: {system_metrics: false}
-    run: {name: ext, storage: STORAGE}
-    sweep:
-      name: extend-it
-      search_alg: grid
-      trial_cpus: 0.5
-      space:
-        train.seed: {range: [1, 1]}
-      variants:
-        fast: {optim.lr: 1.0e-3}
-        slow: {optim.lr: 5.0e-4, train.seed: {range: [1, LAST]}}
-"""
-
-
-@pytest.mark.slow
-def test_adding_seeds_to_a_finished_sweep_runs_only_the_new_trials(world: Path, tmp_path: Path,
-                                                                    ray_session) -> None:
-    """A finished grid sweep of 2 trials gets one more seed for one variant: the rerun keeps
-    both finished trials (their MLflow runs and trial folders untouched) and runs only the new
-    point, in a second part of the experiment, under the same parent run."""
-    from mlflow.tracking import MlflowClient
-
-    config = tmp_path / "sweep.yaml"
-    text = textwrap.dedent(EXTEND_YAML).replace("STORAGE", str(tmp_path / "runs")) \
-        .replace("TRAIN", str(world / "train")).replace("VAL", str(world / "val"))
-    config.write_text(text.replace("LAST", "1"))
-    first = sweep.run_sweep(*sweep_spec.load_sweep(config, []))
-    config.write_text(text.replace("LAST", "2"))
-    second = sweep.run_sweep(*sweep_spec.load_sweep(config, []))
-    assert not first.resumed and second.resumed and not second.errors
-    assert len(first.rows) == 2 and len(second.rows) == 3
-    assert set(dict(first.rows)) < set(dict(second.rows))
-    assert (tmp_path / "runs" / "extend-it.part2").is_dir()
-    client = MlflowClient(second.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("dldkd").experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.parent_run_id]
-    assert second.parent_run_id == first.parent_run_id
-    assert sorted((r.data.params["sweep.variant"], r.data.params["train.seed"])
-                  for r in children) == [("fast", "1"), ("slow", "1"), ("slow", "2")]
-    assert all(r.info.status == "FINISHED" for r in children)
+    # each finished launch registers its best trial's model (no data.test, so no alias)
+    versions = client.search_model_versions("name = 'sweep-best'")
+    newest = max(versions, key=lambda v: int(v.version))
+    best = next(r for r in children if r.info.run_name == grown.rows[0][0])
+    assert newest.run_id == best.info.run_id and not newest.aliases
+    assert client.get_run(grown.parent_run_id).data.tags[REGISTERED_MODEL_TAG] == \
+        f"models:/sweep-best/{newest.version}"
 
 
 ASHA_YAML = """

@@ -139,7 +139,10 @@ def ray_session():
 
     if not ray.is_initialized():
         # address="local": a cluster of our own even when `ray start` runs one on this machine.
-        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+        from launch.jobs import ray_setup
+
+        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
+                 runtime_env=ray_setup.runtime_env())   # as dldkd's own launches do
     yield ray
 
 

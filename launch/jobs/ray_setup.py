@@ -15,6 +15,11 @@ its placement-group cleaner, Tune's trials) before anything else:
   actor state" each time: that warning is kept once per process. Where several Ray clusters run
   on one machine it could not tell which state API to ask and its monitor died with a traceback
   ("Found multiple active Ray instances"): ``RAY_ADDRESS`` names the process's own cluster.
+- That cleaner also took a state-API answer without the controller (a busy dashboard answering
+  with partial data) for a dead controller, and removed the placement group of a live run,
+  killing its workers ("Destroying worker since its placement group was removed"). Here only a
+  controller the state API reports DEAD counts as dead; no answer means "ask again"
+  (:func:`patient_cleaner`).
 - Ray Train's controller warns, with the traceback of a 5 s timeout, when its resource request
   is slow to answer (an overloaded head): kept once per process, without the traceback.
 """
@@ -55,6 +60,25 @@ def set_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def patient_cleaner() -> None:
+    """Ray 2.60's placement-group cleaner asks ``is_actor_alive(controller)``, which is falsy
+    when the state API returns no actor at all: a lookup that found nothing then removes the
+    live run's placement group. Give the cleaner a check that counts only a DEAD actor as dead
+    and raises the state API's own error for "no answer", which the cleaner already treats as
+    "continue monitoring"."""
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+    from ray.util.state import get_actor
+    from ray.util.state.exception import RayStateApiException
+
+    def is_actor_alive(actor_id: str, timeout: int) -> bool:
+        state = get_actor(actor_id, timeout=timeout)
+        if state is None:
+            raise RayStateApiException(f"the state API did not return actor {actor_id}")
+        return state.state != "DEAD"
+
+    placement_group_cleaner.is_actor_alive = is_actor_alive
+
+
 def setup_process() -> None:
     """Run by Ray in each process of the job. It must not fail: Ray ends a process whose setup
     hook raises, so anything unexpected leaves Ray's own behaviour in place."""
@@ -71,6 +95,10 @@ def setup_process() -> None:
             if os.environ.get("RAY_ADDRESS", "auto") in ("", "auto", "local"):
                 os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     except Exception:   # noqa: BLE001 (see the docstring)
+        pass
+    try:
+        patient_cleaner()
+    except Exception:   # noqa: BLE001 (another Ray version: its own cleaner stays)
         pass
     for name in (CLEANER_LOGGER, RESOURCE_REQUEST_LOGGER):
         chatty = logging.getLogger(name)

@@ -30,7 +30,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+        from launch.jobs import ray_setup
+
+        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
+                 runtime_env=ray_setup.runtime_env())   # as dldkd's own launches do
     yield ray
 
 

@@ -248,14 +248,9 @@ def _held_message(run: str, location: str, other: dict, age: float, kind: str = 
             "delete the file)")
 
 
-def run_lease(run_storage: str, name: str, ttl_s: float = TTL_S) -> Lease:
-    """The lease of run ``name`` in ``run_storage`` (``run.storage``)."""
+def run_lease(run_storage: str, name: str, ttl_s: float = TTL_S, kind: str = "run") -> Lease:
+    """The lease of run (or, ``kind="sweep"``, sweep) ``name`` in ``run_storage``
+    (``run.storage``): ``<run.storage>/<name>/lease.json``, so two launches never drive the same
+    run or the same sweep's trials."""
     return Lease(storage.join(storage.run_location(run_storage, name), "lease.json"), name,
-                 ttl_s)
-
-
-def sweep_lease(run_storage: str, name: str, ttl_s: float = TTL_S) -> Lease:
-    """The lease of sweep ``name``: in its experiment folder ``<run.storage>/<sweep name>``, so
-    two launches of one sweep never drive the same trials."""
-    return Lease(storage.join(storage.run_location(run_storage, name), "lease.json"), name,
-                 ttl_s, kind="sweep")
+                 ttl_s, kind)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from launch.jobs.lease import sweep_lease
+from launch.jobs.lease import run_lease
 from launch.jobs.stop import DriverStop, poll
 from launch.report.render import params_text, plot_curves, trials_table
 from launch.report.stats import trial_curves, trial_rows
@@ -446,7 +446,7 @@ def run(args: argparse.Namespace) -> SweepResult:
     preflight(cfg)   # validate's cheap checks on the base config, before Ray
     uri = tracking_uri(cfg, spec)
     command = shlex.join(["sweep", "--config", args.config, *args.overrides])
-    with sweep_lease(cfg.run.storage, spec.name) as lease:
+    with run_lease(cfg.run.storage, spec.name, kind="sweep") as lease:
 
         def abort() -> None:
             kill_sweep_runs(cfg, spec, uri)

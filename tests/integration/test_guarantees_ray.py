@@ -155,13 +155,13 @@ def test_a_second_ray_launch_is_refused_before_ray_starts(world, tmp_path, reque
 
 def test_a_second_sweep_launch_is_refused_before_ray_starts(world, tmp_path, capsys):
     from launch.cli import main
-    from launch.jobs.lease import sweep_lease
+    from launch.jobs.lease import run_lease
 
     config = tmp_path / "sweep.yaml"
     config.write_text(SWEEP_YAML.replace("STORAGE", str(tmp_path / "runs")).replace(
         "URI", f"sqlite:///{tmp_path / 'm.db'}").replace("TRAIN", str(world / "train")).replace(
         "VAL", str(world / "val")))
-    with sweep_lease(str(tmp_path / "runs"), "stop-it"):
+    with run_lease(str(tmp_path / "runs"), "stop-it", kind="sweep"):
         assert main(["sweep", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "sweep 'stop-it' is already being launched or run" in err and "sweep.name" in err
